@@ -1,0 +1,208 @@
+"""Inference: images in, one `Prediction` (score, verdict, anomaly map, mask) per image out.
+
+This is the side of `inspectd.models` the daemon imports: it needs a loaded model and a
+backbone, never the fitting code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from inspectd.models.data import read_image
+from inspectd.models.features import FeatureExtractor, Runtime
+from inspectd.models.preprocess import Geometry, Placement, split_tiles, stitch, to_tensor
+
+
+class AnomalyModel(Protocol):
+    kind: str
+    params: dict[str, Any]
+    smoothed_image_score: bool
+
+    def embed(self, feats: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def patch_scores(self, emb: torch.Tensor) -> torch.Tensor: ...
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class Prediction:
+    """One image's result. `anomaly_map` is at the original image size."""
+
+    score: float
+    threshold: float
+    pixel_threshold: float
+    anomaly_map: np.ndarray
+    image: np.ndarray | None = None
+    source: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        return "NG" if self.score >= self.threshold else "OK"
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.anomaly_map >= self.pixel_threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source, "score": self.score, "threshold": self.threshold,
+            "verdict": self.verdict, "pixel_threshold": self.pixel_threshold,
+            "defect_pixels": int(self.mask.sum()),
+        }
+
+    def __str__(self) -> str:
+        name = self.source or "image"
+        return f"{name}: {self.verdict} score={self.score:.4f} thr={self.threshold:.4f}"
+
+    def heatmap(self) -> np.ndarray:
+        """BGR colour map; the pixel threshold sits at mid-scale so images compare."""
+        scale = 2.0 * self.pixel_threshold if self.pixel_threshold > 0 else 1.0
+        u8 = np.clip(self.anomaly_map / scale * 255.0, 0, 255).astype(np.uint8)
+        return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
+
+    def save(self, out_dir: Path, stem: str) -> dict[str, str]:
+        """Writes <stem>_heatmap.png, <stem>_mask.png and, with the image, <stem>_overlay.jpg."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {"heatmap": out_dir / f"{stem}_heatmap.png", "mask": out_dir / f"{stem}_mask.png"}
+        cv2.imwrite(str(paths["heatmap"]), self.heatmap())
+        cv2.imwrite(str(paths["mask"]), self.mask.astype(np.uint8) * 255)
+        if self.image is not None:
+            bgr = cv2.cvtColor(self.image, cv2.COLOR_RGB2BGR)
+            over = cv2.addWeighted(bgr, 0.6, self.heatmap(), 0.4, 0)
+            contours, _ = cv2.findContours(
+                self.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+            )
+            cv2.drawContours(over, contours, -1, (255, 255, 255), 1)
+            paths["overlay"] = out_dir / f"{stem}_overlay.jpg"
+            cv2.imwrite(str(paths["overlay"]), over)
+        return {k: str(v) for k, v in paths.items()}
+
+
+def batched(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def load_images(items: Sequence[np.ndarray | str | Path]) -> list[np.ndarray]:
+    return [read_image(Path(i)) if isinstance(i, str | Path) else _as_rgb(i) for i in items]
+
+
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxW or HxWx3 uint8 image, got {img.shape} {img.dtype}")
+    return img
+
+
+class Detector:
+    """A fitted model with its backbone, geometry and thresholds."""
+
+    def __init__(
+        self,
+        model: AnomalyModel,
+        extractor: FeatureExtractor,
+        runtime: Runtime,
+        geometry: Geometry,
+        mean: Sequence[float],
+        std: Sequence[float],
+        sigma: float,
+        batch_size: int = 8,
+        threshold: float = float("inf"),
+        pixel_threshold: float = float("inf"),
+        manifest: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.extractor = runtime.prepare(extractor)
+        self.runtime = runtime
+        self.geometry = geometry
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.pixel_threshold = pixel_threshold
+        self.manifest = manifest or {}
+
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    def features(self, canvases: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
+        """Backbone features of the canvases' tiles (image-major), float32 on the CPU."""
+        x = torch.stack([to_tensor(c, self.mean, self.std) for c in canvases])
+        x = split_tiles(x, self.geometry.tiles(), self.geometry.tile)
+        with self.runtime.autocast():
+            feats = self.extractor(self.runtime.input(x))
+        return {k: v.float().cpu().contiguous() for k, v in feats.items()}
+
+    def score_canvases(self, canvases: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ image scores [B] and smoothed anomaly maps [B, H, W] on the canvas."""
+        corners = self.geometry.tiles()
+        with torch.inference_mode():
+            emb = self.model.embed(self.features(canvases))
+            ps = self.model.patch_scores(emb)  # [B*T, h, w]
+            up = F.interpolate(
+                ps[:, None], size=self.geometry.input_size, mode="bilinear", align_corners=False
+            )[:, 0]
+            maps = stitch(up, corners, self.geometry.canvas)
+            if self.sigma > 0:
+                k = 2 * int(4.0 * self.sigma + 0.5) + 1
+                maps = gaussian_blur(maps[:, None], [k, k], [self.sigma, self.sigma])[:, 0]
+            if self.model.smoothed_image_score:
+                scores = maps.flatten(1).amax(1)
+            else:
+                b = len(canvases)
+                flat_emb = emb.permute(0, 2, 3, 1).reshape(b, -1, emb.shape[1])
+                scores = self.model.image_scores(ps.reshape(b, -1), flat_emb)
+        return scores.float(), maps.float()
+
+    def score_images(
+        self, images: Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, list[Placement]]:
+        """Scores and canvas maps for a list of RGB images (batched)."""
+        scores, maps, places = [], [], []
+        for chunk in batched(images, self.batch_size):
+            canv = [self.geometry.image_to_canvas(img) for img in chunk]
+            s, m = self.score_canvases([c for c, _ in canv])
+            scores.append(s.numpy())
+            maps.append(m.numpy())
+            places += [p for _, p in canv]
+        return np.concatenate(scores), np.concatenate(maps), places
+
+    def predict(
+        self, items: Sequence[np.ndarray | str | Path], keep_image: bool = True
+    ) -> list[Prediction]:
+        """Score images given as RGB arrays (HxWx3 uint8, or HxW gray) or file paths."""
+        out: list[Prediction] = []
+        for chunk in batched(items, self.batch_size):
+            images = load_images(chunk)
+            scores, maps, places = self.score_images(images)
+            for item, img, s, m, p in zip(chunk, images, scores, maps, places, strict=True):
+                out.append(
+                    Prediction(
+                        float(s), self.threshold, self.pixel_threshold,
+                        self.geometry.map_to_image(m, p), img if keep_image else None,
+                        str(item) if isinstance(item, str | Path) else None,
+                    )
+                )
+        return out
+
+    def save(self, directory: Path) -> Path:
+        from inspectd.models.artifact import save_artifact
+
+        return save_artifact(self, directory)
+
+    @classmethod
+    def load(cls, directory: Path, **kwargs: Any) -> Detector:
+        from inspectd.models.artifact import load_artifact
+
+        return load_artifact(directory, **kwargs)

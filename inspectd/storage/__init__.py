@@ -1,0 +1,1 @@
+"""Audit storage: database, schema migrations, audit writer, image store and spool."""
