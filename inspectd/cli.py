@@ -1,0 +1,257 @@
+"""The `inspectd` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from inspectd.errors import ArtifactError, InspectdError
+from inspectd.log import configure as configure_logging
+from inspectd.settings import ModelSettings, load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Production-line visual inspection with unsupervised anomaly models.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and generate MVTec-layout data sets.")
+app.add_typer(data_app, name="data")
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("-c", "--config", help="YAML settings file")]
+OverrideOpt = Annotated[
+    list[str] | None, typer.Option("-o", "--override", help="section.key=value (repeatable)")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+SavePicOpt = Annotated[
+    Path | None, typer.Option("--save-pic", help="write heat maps, masks and overlays here")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="auto (bf16 where the artifact allows it), fp32 or bf16")
+]
+
+
+@app.callback()
+def main_options(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "warning",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores)")] = None,
+) -> None:
+    configure_logging(log_level)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Any]:
+    """A `(stage, done, total)` callback drawing one rich bar per stage."""
+    bars = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True, disable=not enabled)
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def _fmt(v: Any) -> str:
+    return "—" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+@app.command()
+def fit(
+    data: Annotated[Path, typer.Option(help="MVTec-layout root")],
+    category: Annotated[str, typer.Option(help="category, or all / objects / textures")],
+    out_dir: Annotated[Path, typer.Option("--out", help="artifact directory")],
+    model: Annotated[str | None, typer.Option(help="patchcore, padim or orthoad")] = None,
+    ng: Annotated[Path | None, typer.Option(help="NG images for an F1-optimal threshold")] = None,
+    config: ConfigOpt = None,
+    override: OverrideOpt = None,
+) -> None:
+    """Fit a model on CATEGORY/train/good and write a calibrated artifact."""
+    from inspectd.models.data import resolve_categories, train_samples
+    from inspectd.models.fitting import fit as fit_detector
+
+    settings = load_settings(ModelSettings, config, override or [], kind=model)
+    cats = resolve_categories(data, category)
+    for cat in cats:
+        target = out_dir if len(cats) == 1 else out_dir / cat
+        with progress_bars() as bar:
+            det = fit_detector([s.path for s in train_samples(data, cat)], settings,
+                               ng=ng or (), progress=bar)
+        det.manifest["training"]["data"] = {"root": str(data), "category": cat}
+        det.save(target)
+        size_mb = sum(f.stat().st_size for f in target.iterdir()) / 2**20
+        t = det.manifest["training"]
+        bank = det.model.params.get("bank_size")
+        out.print(
+            f"[bold]{cat}[/]: {settings.kind} fitted on {t['fit_images']} images "
+            f"(+{t['heldout_images']} held out) in {t['total_seconds']:.1f} s"
+            + (f", memory bank {bank} patches" if bank else "")
+            + f"; threshold {det.threshold:.4f}; bf16 "
+            + ("ok" if det.manifest["precision"]["bf16_ok"] else "off")
+            + f" → {target} ({size_mb:.1f} MiB)"
+        )
+
+
+def _artifact_for(artifact: Path, category: str, many: bool) -> Path:
+    if not many and (artifact / "manifest.json").is_file():
+        return artifact
+    if (artifact / category / "manifest.json").is_file():
+        return artifact / category
+    raise ArtifactError(f"{artifact}: no artifact for category {category!r} "
+                        f"(expected {artifact / category / 'manifest.json'})")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: Annotated[Path, typer.Option(help="MVTec-layout root")],
+    category: Annotated[str, typer.Option(help="category, or all / objects / textures")],
+    artifact: Annotated[Path, typer.Option(help="artifact dir (or a dir of per-category ones)")],
+    as_json: JsonOpt = False,
+    save_pic: SavePicOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Image AUROC, pixel AUROC, PRO (AUPRO ≤ 30% FPR) and F1-max on CATEGORY/test."""
+    from inspectd.models.artifact import load_artifact
+    from inspectd.models.data import resolve_categories
+    from inspectd.models.evaluate import KEYS, evaluate, mean_metrics
+
+    cats = resolve_categories(data, category)
+    results = []
+    for cat in cats:
+        det = load_artifact(_artifact_for(artifact, cat, len(cats) > 1), device, precision)
+        with progress_bars(not as_json) as bar:
+            results.append(evaluate(det, data, cat, save_pic, lambda d, t, c=cat: bar(c, d, t)))
+    mean = mean_metrics(results)
+    if as_json:
+        print(json.dumps({"categories": {r["category"]: r for r in results}, "mean": mean}))
+        return
+    table = Table("category", "images", *KEYS, "FRR@thr", "escape@thr", "ms/img")
+    for r in results:
+        table.add_row(r["category"], str(r["images"]), *(_fmt(r[k]) for k in KEYS),
+                      _fmt(r["false_reject_rate"]), _fmt(r["escape_rate"]),
+                      f"{r['ms_per_image']:.1f}")
+    if len(results) > 1:
+        table.add_row("[bold]mean", "", *(_fmt(mean[k]) for k in KEYS), "", "", "")
+    out.print(table)
+    if save_pic:
+        out.print(f"heat maps, masks and overlays: {save_pic}")
+
+
+@app.command()
+def predict(
+    artifact: Annotated[Path, typer.Option(help="artifact directory")],
+    images: Annotated[list[Path], typer.Argument(help="image files or directories")],
+    as_json: JsonOpt = False,
+    save_pic: SavePicOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+) -> None:
+    """Score images: score, threshold and verdict (OK/NG) per image."""
+    from inspectd.models.artifact import load_artifact
+    from inspectd.models.data import expand_image_paths
+    from inspectd.models.detector import batched
+
+    det = load_artifact(artifact, device, precision)
+    paths = expand_image_paths(images)
+    rows = []
+    for chunk in batched(paths, det.batch_size):
+        for pred in det.predict(chunk, keep_image=save_pic is not None):
+            row = pred.as_dict()
+            if save_pic:
+                row["files"] = pred.save(save_pic, Path(pred.source).stem)
+            rows.append(row)
+    if as_json:
+        print(json.dumps({"artifact": str(artifact), "predictions": rows}))
+        return
+    table = Table("image", "score", "threshold", "verdict", "defect px")
+    for r in rows:
+        colour = "red" if r["verdict"] == "NG" else "green"
+        table.add_row(r["source"], f"{r['score']:.4f}", f"{r['threshold']:.4f}",
+                      f"[{colour}]{r['verdict']}[/]", str(r["defect_pixels"]))
+    out.print(table)
+    ng = sum(r["verdict"] == "NG" for r in rows)
+    out.print(f"{len(rows)} images, {ng} NG" + (f"; pictures in {save_pic}" if save_pic else ""))
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="MVTec-layout root")],
+    category: Annotated[str, typer.Option(help="category, or all / objects / textures")] = "all",
+    as_json: JsonOpt = False,
+) -> None:
+    """Counts per split and defect, image sizes, mask problems, unreadable files."""
+    from inspectd.models.data import check_dataset, resolve_categories
+
+    reports = check_dataset(root, resolve_categories(root, category))
+    if as_json:
+        print(json.dumps({"root": str(root), "categories": [r.as_dict() for r in reports]}))
+    else:
+        table = Table("category", "train", "test (per defect)", "sizes", "modes", "problems")
+        for r in reports:
+            test = ", ".join(f"{d} {n}" for d, n in r.counts.get("test", {}).items())
+            problems = [f"{len(v)} {name.replace('_', ' ')}" for name, v in (
+                ("missing_masks", r.missing_masks), ("mismatched_masks", r.mismatched_masks),
+                ("orphan_masks", r.orphan_masks), ("empty_masks", r.empty_masks),
+                ("unreadable", r.unreadable), ("empty_dirs", r.empty_dirs)) if v]
+            if not r.has_ground_truth:
+                problems.append("no ground_truth (image-level only)")
+            table.add_row(
+                r.category, str(r.counts.get("train", {}).get("good", 0)), test,
+                ", ".join(f"{s} ×{n}" for s, n in r.sizes.items()),
+                ", ".join(f"{m} ×{n}" for m, n in r.modes.items()),
+                ("[green]ok[/]" if r.ok else "[red]") + "; ".join(problems),
+            )
+        out.print(table)
+        for r in reports:
+            for line in r.unreadable + r.missing_masks + r.mismatched_masks:
+                out.print(f"  {r.category}: {line}")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)
+
+
+@data_app.command("synth")
+def data_synth(
+    out_root: Annotated[Path, typer.Argument(help="output root (MVTec layout)")],
+    categories: Annotated[str, typer.Option(help="comma-separated generator kinds")] = (
+        "texture,object"),
+    n_train: int = 60,
+    n_test_good: int = 12,
+    n_test_defect: int = 18,
+    size: int = 256,
+    seed: int = 0,
+) -> None:
+    """Generate a synthetic MVTec-layout data set with exact defect masks."""
+    from inspectd.models.synthetic import generate
+
+    cats = [c.strip() for c in categories.split(",") if c.strip()]
+    generate(out_root, cats, n_train=n_train, n_test_good=n_test_good,
+             n_test_defect=n_test_defect, size=size, seed=seed)
+    out.print(f"synthetic data set ({', '.join(cats)}) → {out_root}")
+
+
+def main() -> None:
+    """Console entry point: expected errors are one line on stderr and exit code 1."""
+    os.environ.setdefault("KMP_WARNINGS", "0")
+    try:
+        app()
+    except InspectdError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
