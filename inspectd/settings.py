@@ -95,17 +95,17 @@ class RuntimeSettings(Section):
     batch_size: int = Field(8, ge=1, description="images per forward pass")
 
 
-_FILE_DATA: ContextVar[dict[str, Any]] = ContextVar("inspectd_file_settings", default={})
+_FILE_DATA: ContextVar[dict[str, Any] | None] = ContextVar("inspectd_file_settings", default=None)
 
 
 class _FileSource(PydanticBaseSettingsSource):
     """The YAML file's values, placed between the environment and the defaults."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return _FILE_DATA.get().get(field_name), field_name, False
+        return (_FILE_DATA.get() or {}).get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_FILE_DATA.get())
+        return dict(_FILE_DATA.get() or {})
 
 
 class InspectdSettings(BaseSettings):
