@@ -87,11 +87,7 @@ class CalibrationSettings(Section):
 
 class RuntimeSettings(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "fp32", description="backbone precision; auto = bf16 when the artifact says it holds"
-    )
     channels_last: bool = Field(True, description="channels-last memory format on CPU")
-    threads: int | None = Field(None, ge=1, description="torch threads; null = all cores")
     batch_size: int = Field(8, ge=1, description="images per forward pass")
 
 
