@@ -91,3 +91,8 @@ def test_bad_inputs_raise() -> None:
         index.search(torch.zeros(2, 5), 1)
     with pytest.raises(DataError):
         index.search(torch.zeros(4), 1)
+    for backend in ("faiss", "torch"):  # no queries: empty results, not an error
+        dist, idx = (
+            NearestNeighbourIndex(backend).fit(torch.zeros(10, 4)).search(torch.zeros(0, 4), 3)
+        )
+        assert dist.shape == idx.shape == (0, 3)

@@ -81,6 +81,8 @@ class NearestNeighbourIndex:
         q = _as_matrix(queries, "queries")
         if q.shape[1] != self._dim:
             raise DataError(f"query dim {q.shape[1]} does not match the bank's {self._dim}")
+        if len(q) == 0:
+            return torch.empty(0, k), torch.empty(0, k, dtype=torch.int64)
         if self._backend == "faiss":
             dist, idx = self._index.search(q.cpu().numpy(), k)
             return torch.from_numpy(dist), torch.from_numpy(idx).to(torch.int64)
