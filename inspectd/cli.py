@@ -155,6 +155,18 @@ def eval_cmd(
         out.print(f"heat maps, masks and overlays: {save_pic}")
 
 
+def _picture_names(paths: list[Path]) -> dict[Path, str]:
+    """File stems, prefixed with parent folders where stems collide (good/000, scratch/000)."""
+    stems = [p.stem for p in paths]
+    names = {}
+    for p, stem in zip(paths, stems, strict=True):
+        if stems.count(stem) > 1:
+            parts = p.resolve().parts
+            stem = "_".join((*parts[-3:-1], stem))
+        names[p] = stem
+    return names
+
+
 @app.command()
 def predict(
     artifact: Annotated[Path, typer.Option(help="artifact directory")],
@@ -171,12 +183,14 @@ def predict(
 
     det = load_artifact(artifact, device, precision)
     paths = expand_image_paths(images)
+    names = _picture_names(paths)
     rows = []
     for chunk in batched(paths, det.batch_size):
-        for pred in det.predict(chunk, keep_image=save_pic is not None):
+        for path, pred in zip(chunk, det.predict(chunk, keep_image=save_pic is not None),
+                              strict=True):
             row = pred.as_dict()
             if save_pic:
-                row["files"] = pred.save(save_pic, Path(pred.source).stem)
+                row["files"] = pred.save(save_pic, names[path])
             rows.append(row)
     if as_json:
         print(json.dumps({"artifact": str(artifact), "predictions": rows}))

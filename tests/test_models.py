@@ -61,10 +61,13 @@ def test_eval_json_reports_every_metric_per_category_and_mean(fitted, synth_root
 def test_predict_prints_verdicts_and_saves_pictures(fitted, synth_root, tmp_path, run_cli):
     _, art = fitted
     ng = synth_root / "object" / "test" / "scratch"
+    good = synth_root / "object" / "test" / "good"  # same file names as in scratch/
     proc = run_cli("predict", "--artifact", str(art), "--json", "--save-pic", str(tmp_path),
-                   str(ng))
+                   str(ng), str(good))
     preds = json.loads(proc.stdout)["predictions"]
-    assert len(preds) == len(list(ng.glob("*.png")))
+    assert len(preds) == len(list(ng.glob("*.png"))) + len(list(good.glob("*.png")))
+    files = [f for p in preds for f in p["files"].values()]
+    assert len(set(files)) == len(files)  # no picture overwrites another
     for p in preds:
         assert p["verdict"] in ("OK", "NG") and p["threshold"] > 0
         for f in p["files"].values():
