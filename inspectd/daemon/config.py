@@ -1,0 +1,293 @@
+"""The line configuration (`inspectd run -c /etc/inspectd/inspectd.yaml`), strict like all settings.
+
+Cameras are a discriminated union on `type`; every section forbids unknown keys, and
+`inspectd validate-config` names the offending key. Endpoints default to ipc sockets under
+`run_dir` (or loopback tcp); nothing binds a public interface unless configured to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from inspectd.daemon.protocol import ProtocolError, valid_name
+from inspectd.settings import InspectdSettings, Section
+
+
+def _name(v: str, what: str) -> str:
+    try:
+        return valid_name(v, what)
+    except ProtocolError as e:
+        raise ValueError(str(e)) from None
+
+
+class CameraBase(Section):
+    sku: str | None = Field(
+        None, description="SKU of every frame from this camera (else taken from sku_pattern)"
+    )
+    sku_pattern: str | None = Field(
+        None, description="regex with a named group `sku` (and optionally `part`) matched "
+        "against the file's path relative to the folder (folder sources)"
+    )
+    deadline_ms: int = Field(2000, gt=0, description="verdict needed within this of capture")
+    endpoint: str | None = Field(
+        None, description="frames endpoint this camera's acquire binds (default ipc in run_dir)"
+    )
+    max_fps: float | None = Field(None, gt=0, description="pace frames to at most this rate")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect backoff")
+    reconnect_max_s: float = Field(30.0, gt=0, description="reconnect backoff cap")
+
+    @field_validator("sku")
+    @classmethod
+    def _sku(cls, v: str | None) -> str | None:
+        return None if v is None else _name(v, "sku")
+
+    @field_validator("sku_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            groups = re.compile(v).groupindex
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        if "sku" not in groups:
+            raise ValueError("needs a named group (?P<sku>...)")
+        return v
+
+
+class FolderCamera(CameraBase):
+    type: Literal["folder"]
+    path: Path = Field(description="watched folder (inotify); complete files only")
+    patterns: list[str] = Field(
+        ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff"], description="file globs"
+    )
+    recursive: bool = Field(False, description="watch subfolders too")
+    after: Literal["move", "delete", "keep"] = Field(
+        "move", description="what happens to a file once it has been sent"
+    )
+    done_dir: Path | None = Field(None, description="where `move` puts files (default path/done)")
+    existing: bool = Field(True, description="also send files already there at start")
+
+
+class OpenCVCamera(CameraBase):
+    type: Literal["opencv"]
+    uri: str | int = Field(description="USB index, video file, RTSP URL or image sequence")
+    loop: bool = Field(False, description="restart a video file at its end")
+    width: int | None = Field(None, gt=0)
+    height: int | None = Field(None, gt=0)
+
+
+class AravisCamera(CameraBase):
+    type: Literal["aravis"]
+    device: str = Field(
+        description="camera IP address (e.g. 127.0.0.1), opened directly: an id would need "
+        "discovery, which broadcasts"
+    )
+    pixel_format: str | None = Field(None, description="GenICam PixelFormat, e.g. Mono8")
+    exposure_us: float | None = Field(None, gt=0)
+    trigger: Literal["free", "software", "hardware"] = Field(
+        "free", description="hardware = first Line* trigger source (override in features)"
+    )
+    buffers: int = Field(8, ge=2, description="stream buffers")
+    features: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="more GenICam features, set last: {Gain: 6}"
+    )
+
+
+class PylonCamera(CameraBase):
+    type: Literal["pylon"]
+    serial: str | None = Field(None, description="serial number; null = first device")
+    device_class: str | None = Field(
+        None, description="transport, e.g. BaslerCamEmu for emulation (limits enumeration)"
+    )
+    pixel_format: str | None = Field(None, description="GenICam PixelFormat, e.g. Mono8")
+    exposure_us: float | None = Field(None, gt=0)
+    trigger: Literal["free", "software", "hardware"] = Field(
+        "free", description="hardware = Line1 (override TriggerSource in features)"
+    )
+    features: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="more GenICam features, set last: "
+        "{Gain: 6} or, emulated, {ImageFileMode: 'On', ImageFilename: /dir}"
+    )
+
+
+Camera = Annotated[
+    FolderCamera | OpenCVCamera | AravisCamera | PylonCamera, Field(discriminator="type")
+]
+
+
+class WorkerSettings(Section):
+    count: int = Field(1, ge=1, description="worker processes on this host")
+    max_batch: int = Field(8, ge=1, description="frames of one SKU scored together")
+    max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
+    queue: int = Field(64, ge=1, description="frames held in the worker before shedding")
+    model_cache: int = Field(4, ge=1, description="SKU models kept loaded (LRU)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 only where the artifact says accuracy holds"
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch/OpenMP/faiss threads per worker (default: cores / count)"
+    )
+    attach_ok_every: int = Field(
+        20, ge=0, description="send every Nth OK frame's pixels to the sink for refit (0 = none)"
+    )
+
+
+class ImageSettings(Section):
+    save_ng: bool = Field(True, description="write NG image, mask and overlay")
+    save_error: bool = Field(True, description="write frames judged ERROR when pixels exist")
+    ok_per_sku: int = Field(2000, ge=0, description="OK images kept per SKU (oldest dropped)")
+    ng_retention_days: int | None = Field(None, ge=1, description="delete NG images older")
+
+
+class DatabaseSettings(Section):
+    url: str | None = Field(None, description="SQLAlchemy URL; null = SQLite in data_dir")
+    commit_rows: int = Field(200, ge=1, description="commit after this many rows")
+    commit_interval_ms: float = Field(250, gt=0, description="… or after this long")
+    retry_s: float = Field(2.0, gt=0, description="retry an unreachable database this often")
+
+
+class SinkSettings(Section):
+    timeout_grace_ms: float = Field(
+        250, ge=0, description="after a frame's deadline, wait this long before TIMEOUT"
+    )
+    max_pending: int = Field(100_000, ge=1, description="announced frames tracked at once")
+    database: DatabaseSettings = DatabaseSettings()
+    images: ImageSettings = ImageSettings()
+
+
+class ModbusSettings(Section):
+    host: str = Field("127.0.0.1")
+    port: int = Field(502, gt=0, lt=65536)
+    unit: int = Field(1, ge=0, le=247, description="Modbus unit (slave) id")
+    timeout_s: float = Field(1.0, gt=0)
+    reject_coil: int | None = Field(
+        None, ge=0, description="coil address pulsed on every reject"
+    )
+    reject_pulse_ms: float = Field(100, gt=0)
+    verdict_register: int | None = Field(
+        None, ge=0, description="holding register written with the verdict code "
+        "(1 OK, 2 NG, 3 ERROR, 4 TIMEOUT) of each frame"
+    )
+    part_register: int | None = Field(
+        None, ge=0, description="holding register written with the numeric part id first"
+    )
+    slots: int = Field(
+        1, ge=1, description="verdict registers per camera/part: verdict_register + part_id % slots"
+    )
+    heartbeat_register: int | None = Field(
+        None, ge=0, description="holding register incremented every heartbeat_s"
+    )
+    heartbeat_s: float = Field(1.0, gt=0)
+
+
+class PlcSettings(Section):
+    type: Literal["none", "modbus"] = Field("none", description="reject output")
+    modbus: ModbusSettings = ModbusSettings()
+
+
+class MqttSettings(Section):
+    enabled: bool = Field(False)
+    host: str = Field("127.0.0.1")
+    port: int = Field(1883, gt=0, lt=65536)
+    topic_prefix: str = Field("inspectd", description="topic = prefix/<line>/<sku>/<VERDICT>")
+    qos: int = Field(1, ge=0, le=2)
+    ng_only: bool = Field(False, description="publish rejects only")
+
+
+class EventSettings(Section):
+    endpoint: str | None = Field(
+        None, description="ZeroMQ PUB endpoint the sink binds (default ipc in run_dir)"
+    )
+    mqtt: MqttSettings = MqttSettings()
+
+
+class MetricsSettings(Section):
+    enabled: bool = Field(True, description="Prometheus endpoint on the sink's host")
+    host: str = Field("127.0.0.1")
+    port: int = Field(9708, ge=0, lt=65536, description="0 = any free port")
+
+
+class SupervisorSettings(Section):
+    restart_limit: int = Field(5, ge=0, description="restarts of one child per window")
+    restart_window_s: float = Field(60.0, gt=0)
+    drain_s: float = Field(5.0, ge=0, description="on SIGTERM, wait this long for verdicts")
+    heartbeat_timeout_s: float = Field(10.0, gt=0, description="a child silent this long is hung")
+
+
+class LineSettings(InspectdSettings):
+    """One host's part of a line: cameras, worker, sink and their outputs."""
+
+    line: str = Field("line1", description="line name, recorded in every audit row")
+    data_dir: Path = Field(
+        Path(os.environ.get("STATE_DIRECTORY", "~/.local/state/inspectd")),
+        description="models/, images/, spool/, the SQLite audit log",
+    )
+    run_dir: Path | None = Field(
+        None, description="ipc sockets (default $RUNTIME_DIRECTORY or data_dir/run)"
+    )
+    sink_endpoint: str | None = Field(
+        None, description="the sink's PULL endpoint (announcements and verdicts)"
+    )
+    log_level: str = Field("info")
+    cameras: dict[str, Camera] = Field(default_factory=dict)
+    worker: WorkerSettings = WorkerSettings()
+    sink: SinkSettings = SinkSettings()
+    plc: PlcSettings = PlcSettings()
+    events: EventSettings = EventSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+
+    @field_validator("cameras")
+    @classmethod
+    def _camera_names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            _name(name, "camera name")
+        return v
+
+    @field_validator("line")
+    @classmethod
+    def _line(cls, v: str) -> str:
+        return _name(v, "line name")
+
+    @model_validator(mode="after")
+    def _paths(self) -> LineSettings:
+        self.data_dir = self.data_dir.expanduser()
+        if self.run_dir is None:
+            rt = os.environ.get("RUNTIME_DIRECTORY")
+            self.run_dir = Path(rt) if rt else self.data_dir / "run"
+        for name, cam in self.cameras.items():
+            if cam.sku is None and cam.sku_pattern is None:
+                raise ValueError(f"cameras.{name}: set sku or sku_pattern")
+        return self
+
+    # Resolved endpoints and paths, one place for every role.
+    def frames_endpoint(self, camera: str) -> str:
+        return self.cameras[camera].endpoint or f"ipc://{self.run_dir}/frames-{camera}.sock"
+
+    def sink_address(self) -> str:
+        return self.sink_endpoint or f"ipc://{self.run_dir}/sink.sock"
+
+    def events_address(self) -> str:
+        return self.events.endpoint or f"ipc://{self.run_dir}/events.sock"
+
+    def database_url(self) -> str:
+        return self.sink.database.url or f"sqlite:///{self.data_dir / 'audit.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
