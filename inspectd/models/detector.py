@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+from inspectd import imaging
 from inspectd.models.data import read_image
 from inspectd.models.features import FeatureExtractor, Runtime
 from inspectd.models.preprocess import Geometry, Placement, split_tiles, stitch, to_tensor
@@ -64,9 +65,7 @@ class Prediction:
 
     def heatmap(self) -> np.ndarray:
         """BGR colour map; the pixel threshold sits at mid-scale so images compare."""
-        scale = 2.0 * self.pixel_threshold if self.pixel_threshold > 0 else 1.0
-        u8 = np.clip(self.anomaly_map / scale * 255.0, 0, 255).astype(np.uint8)
-        return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
+        return imaging.heatmap(self.anomaly_map, self.pixel_threshold)
 
     def save(self, out_dir: Path, stem: str) -> dict[str, str]:
         """Writes <stem>_heatmap.png, <stem>_mask.png and, with the image, <stem>_overlay.jpg."""
@@ -75,13 +74,8 @@ class Prediction:
         cv2.imwrite(str(paths["heatmap"]), self.heatmap())
         cv2.imwrite(str(paths["mask"]), self.mask.astype(np.uint8) * 255)
         if self.image is not None:
-            bgr = cv2.cvtColor(self.image, cv2.COLOR_RGB2BGR)
-            over = cv2.addWeighted(bgr, 0.6, self.heatmap(), 0.4, 0)
-            contours, _ = cv2.findContours(
-                self.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-            )
-            cv2.drawContours(over, contours, -1, (255, 255, 255), 1)
             paths["overlay"] = out_dir / f"{stem}_overlay.jpg"
+            over = imaging.overlay(self.image, self.anomaly_map, self.pixel_threshold)
             cv2.imwrite(str(paths["overlay"]), over)
         return {k: str(v) for k, v in paths.items()}
 

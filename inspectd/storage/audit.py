@@ -1,0 +1,293 @@
+"""The audit writer: one row per verdict, batched, idempotent on frame_id, never blocking the sink.
+
+The sink calls `record()` per verdict and `poll()` from its loop; both only touch memory.
+A due batch is handed to a writer thread, the only user of the database connection, so a
+slow or unreachable database (a connect timeout, a dead TCP link) never stalls the sink's
+deadlines and reject outputs. The writer commits each batch in one transaction; while the
+database is unreachable it appends batches to an fsync'ed spool on disk, retries every
+`retry_s`, and once the database is back replays the spool in order before any new row.
+Inserts ignore a frame_id already present, so a replayed or repeated row never doubles.
+
+A row the database refuses for its content (not an outage) would otherwise block the line
+forever: it is appended to `<spool>/rejected.jsonl` (spool format) and logged, so nothing is
+lost and an operator can replay it after a fix by renaming it to a segment name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from alembic.util import CommandError
+from sqlalchemy import Insert, exc
+from sqlalchemy.dialects import postgresql, sqlite
+
+from inspectd.daemon.protocol import ProtocolError, Verdict
+from inspectd.storage.db import StorageError, make_engine, safe_url, upgrade
+from inspectd.storage.schema import verdicts
+from inspectd.storage.spool import Spool
+
+log = structlog.get_logger("inspectd.audit")
+
+Item = tuple[Verdict, dict[str, str] | None]
+REJECTED = "rejected.jsonl"
+REPLAY_ROWS = 2000  # rows per replay transaction
+IDLE_WAKE_S = 0.1  # shortest wait of an idle writer that has a retry or replay to do
+# Outages (reconnect later) as opposed to rows the database refuses for their content.
+_OUTAGE = (exc.OperationalError, exc.InterfaceError, exc.ProgrammingError, exc.InternalError)
+
+
+class AuditLog:
+    def __init__(self, url: str, spool_dir: Path, commit_rows: int = 200,
+                 commit_interval_s: float = 0.25, retry_s: float = 2.0) -> None:
+        self.engine = make_engine(url)
+        self.url = safe_url(url)
+        self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
+        self.spool = Spool(spool_dir)
+        self.commit_rows = commit_rows
+        self.commit_interval_s = commit_interval_s
+        self.retry_s = retry_s
+        self.rows_committed = 0  # rows in committed inserts (duplicates the DB ignored too)
+        self.rows_spooled = 0
+        self.rows_rejected = 0
+        self.db_up = False
+        self._batch: list[Item] = []
+        self._batch_t0 = 0.0
+        self._retry_at = 0.0
+        self._unspooled: list[Item] = []  # writer-side rows not yet committed or spooled
+        self._queue: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
+        self._handed = self._written = 0  # batches given to the writer / done by it
+        self._cond = threading.Condition()
+        self._connect()  # at start, so the schema exists before the first row (or we know why)
+        self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._writer.start()
+
+    @property
+    def spool_backlog(self) -> int:
+        return self.spool.backlog
+
+    def record(self, v: Verdict, paths: dict[str, str] | None = None) -> None:
+        """Queue one row; `poll()` hands it to the writer."""
+        if not self._batch:
+            self._batch_t0 = time.monotonic()
+        self._batch.append((v, paths))
+
+    def poll(self) -> None:
+        """Hand the batch to the writer once it has commit_rows rows or is commit_interval old."""
+        if self._batch and (len(self._batch) >= self.commit_rows
+                            or time.monotonic() - self._batch_t0 >= self.commit_interval_s):
+            self._hand_off()
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until every batch handed off so far is committed or spooled; False on timeout."""
+        with self._cond:
+            handed = self._handed
+            return self._cond.wait_for(lambda: self._written >= handed, timeout)
+
+    def close(self) -> None:
+        """Write everything: spool and batch to the database, or the batch to the spool."""
+        self._hand_off()
+        self._queue.put(None)
+        self._writer.join()
+
+    # -- the writer thread --------------------------------------------------------------------
+    def _hand_off(self) -> None:
+        if self._batch:
+            items, self._batch = self._batch, []
+            with self._cond:
+                self._handed += 1
+            self._queue.put(items)
+
+    def _run(self) -> None:
+        while True:
+            timeout = None
+            if self.spool.pending or self._unspooled:
+                timeout = max(self._retry_at - time.monotonic(), IDLE_WAKE_S)
+            try:
+                items = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                items = []
+            self._unspooled.extend(items or [])
+            try:
+                self._write_or_spool()
+            except Exception:  # a bug must neither end auditing nor loop: keep the rows aside
+                log.exception("audit writer failed; its rows go to the rejected file",
+                              spool=str(self.spool.dir))
+                rows, self._unspooled = self._unspooled, []
+                self._reject([_encode(v, p) for v, p in rows])
+            if items:
+                with self._cond:
+                    self._written += 1
+                    self._cond.notify_all()
+            if items is None:
+                break
+        if self._unspooled:
+            log.error("audit rows lost at shutdown: neither database nor spool took them",
+                      rows=len(self._unspooled), frame_ids=[v.frame_id for v, _ in self._unspooled])
+        self.spool.close()
+        self.engine.dispose()
+
+    def _write_or_spool(self) -> None:
+        """Replay the spool if the database is (back) up, then write or spool `_unspooled`."""
+        if not self.db_up and time.monotonic() >= self._retry_at:
+            self._connect()
+        while self.db_up and self.spool.pending and self._replay_chunk(REPLAY_ROWS):
+            pass
+        items = self._unspooled
+        if not items:
+            return
+        if self.db_up and not self.spool.pending and self._write(items):
+            self._unspooled = []
+            self.rows_committed += len(items)
+            return
+        try:
+            self.spool.append([_encode(v, p) for v, p in items])
+        except OSError as e:
+            # Keep them in memory and try again: better than losing audit rows.
+            log.error("cannot write the audit spool", spool=str(self.spool.dir), error=str(e),
+                      rows=len(items))
+            self._retry_at = time.monotonic() + self.retry_s
+            return
+        self._unspooled = []
+        self.rows_spooled += len(items)
+
+    def _connect(self) -> None:
+        try:
+            upgrade(self.engine)  # also proves the database takes connections
+        except (exc.SQLAlchemyError, CommandError) as e:
+            self._down(e)
+            return
+        self.db_up = True
+        log.info("audit database up", url=self.url, spooled=self.spool.backlog)
+
+    def _down(self, e: Exception) -> None:
+        if self.db_up or self._retry_at == 0.0:
+            log.error("audit database unreachable, spooling rows", url=self.url,
+                      error=_first_line(e), retry_s=self.retry_s)
+        else:
+            log.debug("audit database still unreachable", url=self.url, error=_first_line(e))
+        self.db_up = False
+        self._retry_at = time.monotonic() + self.retry_s
+        self.engine.dispose()  # pooled connections to a restarted server are dead
+
+    def _replay_chunk(self, max_rows: int) -> bool:
+        """Replay the spool's next rows; False when the database went away meanwhile."""
+        chunk = self.spool.read(max_rows)
+        if chunk is None:
+            self.spool.pending = False
+            return True
+        items: list[Item] = []
+        bad: list[bytes] = []
+        for line in chunk.lines:
+            try:
+                items.append(_decode(line))
+            except (ValueError, KeyError, TypeError, ProtocolError) as e:
+                log.error("unreadable spool line", segment=str(chunk.segment), error=str(e))
+                bad.append(line)
+        if items and not self._write(items):
+            return False  # the chunk stays for the next try
+        self._reject(bad)
+        self.rows_committed += len(items)
+        self.spool.consume(chunk)
+        return True
+
+    def _write(self, items: list[Item]) -> bool:
+        """Insert in one transaction; False on an outage (nothing to assume committed)."""
+        try:
+            self._execute([_row(v, p) for v, p in items])
+            return True
+        except exc.SQLAlchemyError as e:
+            if _is_outage(e):
+                self._down(e)
+                return False
+            log.warning("batch refused by the database, inserting row by row",
+                        error=_first_line(e))
+        for v, p in items:  # find the rows at fault; the others go in
+            try:
+                self._execute([_row(v, p)])
+            except exc.SQLAlchemyError as e:
+                if _is_outage(e):
+                    self._down(e)
+                    return False
+                log.error("audit row refused by the database", frame_id=v.frame_id,
+                          error=_first_line(e))
+                self._reject([_encode(v, p)])
+        return True
+
+    def _execute(self, rows: list[dict[str, Any]]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(self._insert, rows)
+
+    def _reject(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        try:
+            with (self.spool.dir / REJECTED).open("ab") as f:
+                f.write(b"".join(line + b"\n" for line in lines))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            log.error("audit rows lost: cannot write the rejected file", error=str(e),
+                      rows=[line.decode(errors="replace") for line in lines])
+        self.rows_rejected += len(lines)
+
+
+def _insert_ignoring_duplicates(dialect: str) -> Insert:
+    if dialect == "postgresql":
+        return postgresql.insert(verdicts).on_conflict_do_nothing(index_elements=["frame_id"])
+    if dialect == "sqlite":
+        return sqlite.insert(verdicts).on_conflict_do_nothing(index_elements=["frame_id"])
+    raise StorageError(f"unsupported audit database {dialect!r}: use SQLite or PostgreSQL")
+
+
+def _is_outage(e: exc.SQLAlchemyError) -> bool:
+    return isinstance(e, _OUTAGE) or bool(getattr(e, "connection_invalidated", False))
+
+
+def _encode(v: Verdict, paths: dict[str, str] | None) -> bytes:
+    # default=str: a stray non-JSON value must not cost the row (the database judges it).
+    return json.dumps({"verdict": asdict(v), "paths": paths}, separators=(",", ":"),
+                      default=str).encode()
+
+
+def _decode(line: bytes) -> Item:
+    data = json.loads(line)
+    return Verdict.decode(json.dumps(data["verdict"]).encode()), data.get("paths")
+
+
+def _utc(ts: float | None) -> datetime | None:
+    try:
+        if ts is None or not math.isfinite(ts) or ts <= 0:
+            return None
+        return datetime.fromtimestamp(ts, UTC)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return None
+
+
+def _row(v: Verdict, paths: dict[str, str] | None) -> dict[str, Any]:
+    t, p = v.timings_ms or {}, paths or {}
+    return {
+        "frame_id": v.frame_id, "line": v.line, "camera": v.camera, "sku": v.sku,
+        "part_id": v.part_id, "origin": v.origin, "capture_time": _utc(v.capture_ts),
+        "decided_time": _utc(v.decided_ts) or datetime.now(UTC), "verdict": v.verdict,
+        "reason": v.reason, "score": v.score, "threshold": v.threshold,
+        "pixel_threshold": v.pixel_threshold, "model_version": v.model_version,
+        "queue_ms": t.get("queue"), "decode_ms": t.get("decode"), "infer_ms": t.get("infer"),
+        "total_ms": t.get("total"), "image_path": p.get("image"), "mask_path": p.get("mask"),
+        "overlay_path": p.get("overlay"), "image_sha256": v.image_sha256,
+    }
+
+
+def _first_line(e: BaseException) -> str:
+    orig = getattr(e, "orig", None)
+    text = str(orig if orig is not None else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,131 @@
+"""Frames on disk: NG (image, mask, overlay), ERROR frames, and a bounded OK sample for refit.
+
+    <root>/ng/<sku>/<yyyy-mm-dd>/<frame_id>{.png,_mask.png,_overlay.jpg}
+    <root>/error/<sku>/<yyyy-mm-dd>/<frame_id>.png
+    <root>/ok/<sku>/<frame_id>.png            at most `ok_per_sku` per SKU, oldest dropped
+
+Every file is written under a temporary name in its directory, fsync'ed and renamed, so a
+reader (or a crash) never sees half an image. The date is the capture day in UTC.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections import OrderedDict
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import cv2
+import numpy as np
+import structlog
+
+from inspectd import imaging
+from inspectd.daemon.config import ImageSettings
+from inspectd.daemon.protocol import Verdict, valid_name
+from inspectd.storage.files import fsync_dir, write_atomic
+
+log = structlog.get_logger("inspectd.images")
+
+PRUNE_EVERY_S = 3600.0
+
+
+class ImageStore:
+    def __init__(self, root: Path, settings: ImageSettings) -> None:
+        self.root = Path(root)
+        self.settings = settings
+        # Per SKU, OK image names oldest first: the bound is kept without listing directories.
+        self._ok: dict[str, OrderedDict[str, None]] = {}
+        ok_root = self.root / "ok"
+        if ok_root.is_dir():
+            for d in ok_root.iterdir():
+                if d.is_dir():
+                    files = sorted(d.glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
+                    self._ok[d.name] = OrderedDict.fromkeys(p.name for p in files)
+        self._next_prune = 0.0
+
+    def save_ng(self, v: Verdict, rgb: np.ndarray,
+                amap: np.ndarray | None = None) -> dict[str, str]:
+        """Image, mask and overlay of an NG frame; {} when saving NG frames is off."""
+        if not self.settings.save_ng:
+            return {}
+        return self._save_reject("ng", v, rgb, amap)
+
+    def save_error(self, v: Verdict, rgb: np.ndarray,
+                   amap: np.ndarray | None = None) -> dict[str, str]:
+        """The pixels of a frame judged ERROR (and mask/overlay when scored)."""
+        if not self.settings.save_error:
+            return {}
+        return self._save_reject("error", v, rgb, amap)
+
+    def save_ok(self, v: Verdict, rgb: np.ndarray) -> str | None:
+        """Keep an OK frame for refit, dropping the SKU's oldest beyond `ok_per_sku`."""
+        limit = self.settings.ok_per_sku
+        if limit == 0:
+            return None
+        sku = valid_name(v.sku, "sku")
+        name = valid_name(v.frame_id, "frame id") + ".png"
+        d = self.root / "ok" / sku
+        d.mkdir(parents=True, exist_ok=True)
+        write_atomic(d / name, _encode(".png", _bgr(rgb)))
+        fsync_dir(d)
+        kept = self._ok.setdefault(sku, OrderedDict())
+        kept[name] = None
+        kept.move_to_end(name)
+        while len(kept) > limit:
+            old, _ = kept.popitem(last=False)
+            (d / old).unlink(missing_ok=True)
+        return str(d / name)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete NG and ERROR day folders older than `ng_retention_days`; returns how many."""
+        days = self.settings.ng_retention_days
+        if days is None:
+            return 0
+        today = datetime.fromtimestamp(time.time() if now is None else now, UTC).date()
+        oldest_kept = today - timedelta(days=days)
+        removed = 0
+        for kind in ("ng", "error"):
+            for day_dir in self.root.glob(f"{kind}/*/*"):
+                try:
+                    day = date.fromisoformat(day_dir.name)
+                except ValueError:
+                    continue  # not ours
+                if day < oldest_kept and day_dir.is_dir():
+                    shutil.rmtree(day_dir, ignore_errors=True)
+                    removed += 1
+        if removed:
+            log.info("pruned old reject images", days_kept=days, folders=removed)
+        return removed
+
+    def _save_reject(self, kind: str, v: Verdict, rgb: np.ndarray,
+                     amap: np.ndarray | None) -> dict[str, str]:
+        sku = valid_name(v.sku, "sku")
+        fid = valid_name(v.frame_id, "frame id")
+        ts = v.capture_ts if v.capture_ts > 0 else v.decided_ts
+        d = self.root / kind / sku / datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+        d.mkdir(parents=True, exist_ok=True)
+        paths = {"image": d / f"{fid}.png"}
+        write_atomic(paths["image"], _encode(".png", _bgr(rgb)))
+        thr = v.pixel_threshold
+        if amap is not None and thr is not None:
+            paths["mask"] = d / f"{fid}_mask.png"
+            write_atomic(paths["mask"], _encode(".png", (amap >= thr).astype(np.uint8) * 255))
+            paths["overlay"] = d / f"{fid}_overlay.jpg"
+            write_atomic(paths["overlay"], _encode(".jpg", imaging.overlay(rgb, amap, thr)))
+        fsync_dir(d)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+            self.prune()
+        return {k: str(p) for k, p in paths.items()}
+
+
+def _bgr(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+
+
+def _encode(ext: str, img: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(ext, img)
+    if not ok:
+        raise ValueError(f"OpenCV could not encode a {img.shape} {img.dtype} image as {ext}")
+    return buf.tobytes()

@@ -1,0 +1,1 @@
+"""Alembic migrations of the audit schema, run by `inspectd.storage.db.upgrade`."""
