@@ -3,13 +3,19 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DATA := data/demo
-DEMO_OUT := outputs/demo
+DEMO_DIR := outputs/demo
 
 .PHONY: venv demo test lint bench clean
 
+# Debian packages: the Aravis fake GigE Vision camera and typelib (a real test peer), and the
+# headers PyGObject builds against.
+DEB_PACKAGES := aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev
+
 # torch comes first and pinned: pip finds this exact build on the machine's disk.
 $(STAMP): pyproject.toml
+	dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+		$(DEB_PACKAGES); }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
@@ -19,10 +25,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: venv
-	$(BIN)/inspectd data synth $(DEMO_DATA)
-	$(BIN)/inspectd fit --data $(DEMO_DATA) --category all --model patchcore --out $(DEMO_OUT)/patchcore
-	$(BIN)/inspectd eval --data $(DEMO_DATA) --category all --artifact $(DEMO_OUT)/patchcore --save-pic $(DEMO_OUT)/eval
-	$(BIN)/inspectd predict --artifact $(DEMO_OUT)/patchcore/object --save-pic $(DEMO_OUT)/predict $(DEMO_DATA)/object/test/scratch $(DEMO_DATA)/object/test/good
+	$(BIN)/inspectd demo --workdir $(DEMO_DIR)
+	$(BIN)/inspectd audit stats -c $(DEMO_DIR)/line/inspectd.yaml --by none
 
 test: venv
 	$(BIN)/pytest -q
@@ -34,4 +38,4 @@ bench: venv
 	$(BIN)/python benchmarks/run.py --out BENCHMARKS.md
 
 clean:
-	rm -rf $(DEMO_OUT) $(DEMO_DATA)
+	rm -rf $(DEMO_DIR)

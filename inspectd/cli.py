@@ -15,9 +15,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from inspectd.daemon import cli as daemon_cli
+from inspectd.daemon.cli_events import events_cmd
 from inspectd.errors import ArtifactError, InspectdError
 from inspectd.log import configure as configure_logging
 from inspectd.settings import ModelSettings, load_settings
+from inspectd.storage.cli import audit_app, db_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Production-line visual inspection with unsupervised anomaly models.")
@@ -259,6 +262,119 @@ def data_synth(
     generate(out_root, cats, n_train=n_train, n_test_good=n_test_good,
              n_test_defect=n_test_defect, size=size, seed=seed)
     out.print(f"synthetic data set ({', '.join(cats)}) → {out_root}")
+
+
+daemon_cli.register(app)
+
+
+@app.command("validate-config")
+def validate_config(
+    config: Annotated[Path, typer.Option("-c", "--config", help="line config to check")],
+    override: OverrideOpt = None,
+) -> None:
+    """Check a line config: a bad key is named (exit 2), a good one summarised (exit 0)."""
+    from inspectd.daemon.config import LineSettings
+    from inspectd.errors import ConfigError
+
+    try:
+        s = load_settings(LineSettings, config, override or [])
+        rows = _line_summary(s)
+    except ConfigError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    # markup off: regexes and URLs hold brackets rich would take for markup.
+    out.print(f"{config}: ok", markup=False, highlight=False)
+    for key, value in rows:
+        out.print(f"  {key:<9} {value}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _line_summary(s: Any) -> list[tuple[str, str]]:
+    import sqlalchemy as sa
+
+    from inspectd.errors import ConfigError
+
+    try:
+        db = sa.engine.make_url(s.database_url()).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        raise ConfigError(f"'sink.database.url': not a SQLAlchemy URL "
+                          f"(got {s.sink.database.url!r})") from None
+    rows = [("line", s.line), ("data_dir", f"{s.data_dir} (run_dir {s.run_dir})"),
+            ("sink", s.sink_address())]
+    where = {"folder": "path", "opencv": "uri", "aravis": "device", "pylon": "serial"}
+    for name, cam in s.cameras.items():
+        sku = f"sku {cam.sku}" if cam.sku else f"sku_pattern {cam.sku_pattern!r}"
+        source = getattr(cam, where[cam.type]) or getattr(cam, "device_class", None) or "first"
+        rows.append(("camera", f"{name}: {cam.type} {source}, {sku} → {s.frames_endpoint(name)}"))
+    if not s.cameras:
+        rows.append(("camera", "none on this host"))
+    w = s.worker
+    rows.append(("worker", f"{w.count} × device {w.device}, precision {w.precision}, "
+                           f"batch ≤ {w.max_batch}, {s.models_dir}"))
+    rows.append(("database", db))
+    m = s.plc.modbus
+    rows.append(("plc", "none" if s.plc.type == "none" else
+                 f"modbus {m.host}:{m.port} unit {m.unit}, reject coil {m.reject_coil}, "
+                 f"verdict register {m.verdict_register}"))
+    mq = s.events.mqtt
+    mqtt = f"mqtt {mq.host}:{mq.port} {mq.topic_prefix}/{s.line}/…" if mq.enabled else "mqtt off"
+    rows.append(("events", f"{s.events_address()}; {mqtt}"))
+    rows.append(("metrics", f"http://{s.metrics.host}:{s.metrics.port}/metrics"
+                 if s.metrics.enabled else "off"))
+    return rows
+
+
+app.add_typer(db_app, name="db")
+app.add_typer(audit_app, name="audit")
+app.command("events")(events_cmd)
+
+models_app = typer.Typer(no_args_is_help=True, help="The line's model registry.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("publish")
+def models_publish(
+    artifact: Annotated[Path, typer.Argument(help="a fitted artifact directory")],
+    sku: Annotated[str, typer.Option(help="product type the model judges")],
+    config: Annotated[Path, typer.Option("-c", "--config", help="line config")],
+    version: Annotated[str | None, typer.Option(help="version name (default: v<UTC time>)")] = None,
+    override: OverrideOpt = None,
+) -> None:
+    """Copy an artifact into data_dir/models/<sku>/<version> and make it current; a running
+    worker picks it up at its next batch for that SKU."""
+    from inspectd.daemon.config import LineSettings
+    from inspectd.models.registry import publish
+
+    s = load_settings(LineSettings, config, override or [])
+    v = publish(artifact, s.models_dir, sku, version)
+    out.print(f"{sku}: {v} is current ({s.models_dir / sku / v})")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="data, models and the line's state go here")] = Path(
+        "outputs/demo"),
+    n_train: Annotated[int, typer.Option(help="OK images per SKU to fit on")] = 60,
+) -> None:
+    """A demo line on the embedded defaults: synthetic SKUs, fitted models, `inspectd run`
+    with a watched-folder camera, every test frame judged, then the audit summary."""
+    from inspectd.demo import run_demo
+    from inspectd.models.evaluate import KEYS
+
+    r = run_demo(workdir, n_train, lambda msg: err.print(msg, highlight=False))
+    table = Table("SKU", *KEYS, title="offline evaluation of the fitted models")
+    for sku, m in r["metrics"].items():
+        table.add_row(sku, *(_fmt(m[k]) for k in KEYS))
+    out.print(table)
+    table = Table("SKU", "frames", "OK", "NG", "ERROR", "TIMEOUT", "defects rejected",
+                  "good passed", title=f"the line's audit log ({r['url']})")
+    for sku, c in r["summary"].items():
+        table.add_row(sku, str(c["frames"]), *(str(c[v]) for v in ("OK", "NG", "ERROR", "TIMEOUT")),
+                      f"{c['defect_rejected']}/{c['defects']}", f"{c['good_passed']}/{c['good']}")
+    out.print(table)
+    out.print(f"NG images, masks and overlays: {r['line'] / 'images' / 'ng'}")
+    for path in r["ng_images"][:5]:
+        out.print(f"  {path}")
+    out.print(f"the line's config: {r['config']}; audit: inspectd audit stats -c {r['config']}")
 
 
 def main() -> None:

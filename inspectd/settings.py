@@ -7,13 +7,14 @@ silently ignored setting. Environment variables nest with `__`:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from inspectd.errors import ConfigError
@@ -179,16 +180,99 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def describe_validation_error(err: ValidationError, source: str = "") -> str:
+def describe_validation_error(
+    err: ValidationError,
+    source: str = "",
+    model: type[BaseModel] | None = None,
+    key_line: Callable[[tuple[str | int, ...]], int | None] | None = None,
+) -> str:
+    """One line naming each bad key as the user wrote it (`model` drops union tags from the
+    path; `key_line` finds the key's line in the file)."""
     parts = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        loc = _user_loc(e["loc"], model) if model else tuple(e["loc"])
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            loc += (str(e.get("ctx", {}).get("discriminator", "type")).strip("'"),)
+        key = ".".join(str(p) for p in loc)
+        got = e.get("input")
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
+            text = f"unknown key '{key}'"
         else:
-            parts.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            text = e["msg"].removeprefix("Value error, ")
+            if key:
+                text = f"'{key}': {text}"
+            if key and not isinstance(got, dict):  # a whole section is noise, the key says it
+                text += f" (got {got!r})"
+        # A missing key has no line of its own: point at its section.
+        where = loc[:-1] if e["type"] in ("missing", "union_tag_not_found") else loc
+        line = key_line(where) if key_line and where else None
+        parts.append(text + (f" (line {line})" if line else ""))
     prefix = f"{source}: " if source else ""
     return prefix + "; ".join(parts)
+
+
+def _user_loc(loc: Sequence[str | int], model: type[BaseModel]) -> tuple[str | int, ...]:
+    """Drop the tags pydantic puts into the path of a discriminated union's member:
+    `cameras.cam1.folder.path` is `cameras.cam1.path` in the file."""
+    out: list[str | int] = []
+    tp: Any = model
+    tags: dict[Any, Any] = {}
+    for part in loc:
+        if part in tags:
+            tp, tags = tags[part], {}
+            continue
+        out.append(part)
+        tp, tags = _child_type(tp, part)
+    return tuple(out)
+
+
+def _child_type(tp: Any, part: str | int) -> tuple[Any, dict[Any, Any]]:
+    """The type at `part` inside `tp`, and its members by tag when it is a tagged union."""
+    disc = None
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        field = tp.model_fields.get(str(part))
+        if field is None:
+            return None, {}
+        tp, disc = field.annotation, field.discriminator
+    elif get_origin(tp) in (dict, list, tuple, set, frozenset):
+        tp = get_args(tp)[-1] if get_args(tp) else None
+    else:
+        return None, {}
+    if get_origin(tp) is Annotated:
+        tp, *meta = get_args(tp)
+        disc = next((m.discriminator for m in meta
+                     if isinstance(m, FieldInfo) and m.discriminator), disc)
+    if not isinstance(disc, str):
+        return tp, {}
+    members = {}
+    for member in get_args(tp):
+        field = getattr(member, "model_fields", {}).get(disc)
+        for tag in get_args(field.annotation) if field else ():
+            members[tag] = member
+    return tp, members
+
+
+def _yaml_key_lines(path: Path) -> Callable[[tuple[str | int, ...]], int | None]:
+    """`loc → line number` of that key in the YAML file (None where the file lacks it)."""
+    root = yaml.compose(Path(path).read_text(), Loader=yaml.SafeLoader)
+
+    def line(loc: tuple[str | int, ...]) -> int | None:
+        node, mark = root, None
+        for part in loc:
+            if isinstance(node, yaml.MappingNode):
+                hit = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+                if hit is None:
+                    return None
+                mark, node = hit[0].start_mark, hit[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                    and part < len(node.value):
+                node = node.value[part]
+                mark = node.start_mark
+            else:
+                return None
+        return mark.line + 1 if mark else None
+
+    return line
 
 
 def load_settings(
@@ -207,6 +291,8 @@ def load_settings(
     try:
         return cls(**init)
     except ValidationError as e:
-        raise ConfigError(describe_validation_error(e, str(config_file or "settings"))) from None
+        key_line = _yaml_key_lines(config_file) if config_file else None
+        raise ConfigError(describe_validation_error(
+            e, str(config_file or "settings"), cls, key_line)) from None
     finally:
         _FILE_DATA.reset(token)

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +38,87 @@ def _run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def run_cli():
     """`run_cli(*args, check=True)`: the command line as a user runs it."""
     return _run_cli
+
+
+@pytest.fixture(scope="session")
+def object_artifact(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PatchCore artifact fitted on the synthetic object's OK images (128×128)."""
+    from inspectd.models import fit
+    from inspectd.settings import ModelSettings
+
+    s = ModelSettings(kind="patchcore", preprocess={"resize": 128})
+    out = tmp_path_factory.mktemp("object_model") / "v1"
+    fit(synth_root / "object" / "train" / "good", s).save(out)
+    return out
+
+
+@dataclass
+class PostgresDB:
+    name: str
+    url: str
+    admin: Any  # SQLAlchemy engine on the `postgres` database, AUTOCOMMIT
+
+
+@pytest.fixture(scope="session")
+def postgres_db() -> Iterator[PostgresDB]:
+    """A database of its own on the local PostgreSQL for this test session, dropped after."""
+    import sqlalchemy as sa
+
+    admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                             isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    name = f"inspectd_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as e:
+        admin.dispose()
+        pytest.fail(f"PostgreSQL not reachable at 127.0.0.1:5432: {e.orig}", pytrace=False)
+    try:
+        yield PostgresDB(name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", admin)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+FAKE_CAMERA = "arv-fake-gv-camera-0.8"
+
+
+def _gvcp_bound() -> bool:
+    """Whether something listens on 127.0.0.1:3956 (GVCP), from /proc/net/udp."""
+    return any(line.split()[1] == "0100007F:0F74"
+               for line in Path("/proc/net/udp").read_text().splitlines()[1:])
+
+
+class FakeCamera:
+    """The Aravis fake GigE Vision camera on 127.0.0.1 (no discovery, no broadcast)."""
+
+    def __init__(self, serial: str) -> None:
+        self.serial, self.proc = serial, None
+
+    def start(self) -> None:
+        if _gvcp_bound():
+            pytest.fail("127.0.0.1:3956 is taken: another GigE Vision (fake) camera is running")
+        self.proc = subprocess.Popen([FAKE_CAMERA, "-i", "127.0.0.1", "-s", self.serial],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while not _gvcp_bound():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                pytest.fail(f"{FAKE_CAMERA} did not start (exit {self.proc.poll()})")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def fake_camera() -> Iterator[FakeCamera]:
+    """A running fake GigE Vision camera, serial FAKE42, at 127.0.0.1."""
+    if shutil.which(FAKE_CAMERA) is None:
+        pytest.fail(f"{FAKE_CAMERA} not found: apt-get install aravis-tools gir1.2-aravis-0.8")
+    cam = FakeCamera("FAKE42")
+    cam.start()
+    yield cam
+    cam.kill()

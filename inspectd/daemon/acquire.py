@@ -1,0 +1,116 @@
+"""The acquisition role: one camera's frames onto the line, each announced to the sink first.
+
+The announcement lets the sink audit a frame as TIMEOUT when no verdict arrives by its
+deadline (worker dead, frame lost). A frame that cannot be handed to a worker at once (no
+worker connected, worker queue full) is not buffered: it is audited as TIMEOUT right away.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import structlog
+import zmq
+
+from inspectd.daemon.config import LineSettings
+from inspectd.daemon.protocol import (
+    ANNOUNCE,
+    FRAME,
+    VERDICT,
+    FrameHeader,
+    ProtocolError,
+    Verdict,
+    new_frame_id,
+    valid_name,
+)
+from inspectd.daemon.sources import Capture, open_source
+from inspectd.daemon.transport import TransportError, socket
+
+log = structlog.get_logger("inspectd.acquire")
+
+
+class Acquirer:
+    def __init__(self, settings: LineSettings, camera: str,
+                 ctx: zmq.Context | None = None) -> None:
+        self.s, self.camera, self.cfg = settings, camera, settings.cameras[camera]
+        self.ctx = ctx or zmq.Context.instance()
+        # Frames wait here while the worker is busy, up to `worker.queue`; past that the line
+        # is overloaded and the frame is audited as a reject instead of queued without bound.
+        hwm = settings.worker.queue
+        self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint(camera), bind=True,
+                             hwm=hwm, linger_ms=0)
+        self.sink = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False,
+                           hwm=10_000, send_timeout_ms=5000)
+        self.sent = self.shed = self.errors = 0
+
+    def run(self, stop: threading.Event, ready: Callable[[], None] = lambda: None) -> None:
+        source = open_source(self.camera, self.cfg)
+        ready()
+        try:
+            for cap in source.frames(stop):
+                self.handle(cap)
+                if stop.is_set():
+                    break
+        finally:
+            source.close()
+            self.close()
+
+    def close(self) -> None:
+        self.frames.close()
+        self.sink.close()
+
+    def handle(self, cap: Capture) -> str:
+        """Send one capture on; returns what happened: sent, shed or error."""
+        fid = new_frame_id()
+        deadline = cap.capture_ts + self.cfg.deadline_ms / 1000
+        sku = cap.sku or self.cfg.sku or ""
+        image = cap.image
+        reason = cap.error
+        if reason is None:
+            try:
+                valid_name(sku, "sku")
+            except ProtocolError as e:
+                reason = str(e)
+        if reason is None and (image is None or image.dtype not in (np.uint8, np.uint16)):
+            reason = "frame without uint8/uint16 pixels"
+        if reason is not None:
+            self._verdict(Verdict(frame_id=fid, verdict="ERROR", camera=self.camera, sku=sku,
+                                  line=self.s.line, part_id=cap.part_id, origin=cap.origin,
+                                  capture_ts=cap.capture_ts, deadline_ts=deadline,
+                                  reason=reason))
+            self.errors += 1
+            outcome = "error"
+        else:
+            image = np.ascontiguousarray(image)
+            h = FrameHeader(fid, self.camera, sku, cap.capture_ts, deadline, image.shape,
+                            str(image.dtype), cap.pixel_format, cap.part_id, self.s.line,
+                            cap.origin)
+            head = h.encode()
+            self._to_sink([ANNOUNCE, head])
+            try:
+                # copy=False: ZeroMQ sends from this array, which is this frame's own buffer.
+                self.frames.send_multipart([FRAME, head, image], flags=zmq.NOBLOCK, copy=False)
+                self.sent += 1
+                outcome = "sent"
+            except zmq.Again:
+                self._verdict(Verdict.for_frame(
+                    h, "TIMEOUT", "overload: no worker ready to take the frame"))
+                self.shed += 1
+                outcome = "shed"
+        if cap.done is not None:
+            cap.done()
+        return outcome
+
+    def _verdict(self, v: Verdict) -> None:
+        self._to_sink([VERDICT, v.encode()])
+
+    def _to_sink(self, parts: list[bytes]) -> None:
+        try:
+            self.sink.send_multipart(parts)
+        except zmq.Again:
+            raise TransportError(
+                f"{self.s.sink_address()}: sink not accepting messages for 5 s"
+            ) from None
+

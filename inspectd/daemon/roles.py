@@ -1,0 +1,106 @@
+"""Role entry points: the same code runs as a supervised child or alone (`inspectd sink` …).
+
+Thread budget: the roles on one host share its cores, and oversubscribed OpenMP runs several
+times slower, so each role sets its torch/OpenMP/faiss/OpenCV thread counts before torch is
+imported: workers split the cores between them, acquisition and the sink take one each.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from inspectd.daemon.config import LineSettings
+
+Role = Literal["acquire", "worker", "sink"]
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def role_threads(settings: LineSettings, role: Role) -> int:
+    if role != "worker":
+        return 1
+    return settings.worker.threads or max(1, host_cores() // settings.worker.count)
+
+
+def set_threads(n: int) -> None:
+    """Must run before torch is imported in this process (OpenMP reads the environment once)."""
+    for var in THREAD_VARS:
+        os.environ[var] = str(n)
+    import cv2
+
+    cv2.setNumThreads(n)
+
+
+def _torch_threads(n: int) -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def run_role(
+    role: Role,
+    settings: LineSettings,
+    stop: threading.Event,
+    name: str | None = None,
+    ready: Callable[[], None] = lambda: None,
+    heartbeat: Callable[[], None] | None = None,
+    on_sink_status: Callable[[object], None] | None = None,
+) -> None:
+    """Run one role until `stop` is set. `name` is the camera for acquire."""
+    n = role_threads(settings, role)
+    set_threads(n)
+    if role == "acquire":
+        from inspectd.daemon.acquire import Acquirer
+
+        if name not in settings.cameras:
+            from inspectd.errors import ConfigError
+
+            raise ConfigError(f"no camera {name!r} in the config ({sorted(settings.cameras)})")
+        if heartbeat is not None:  # the source blocks while idle: beat from a thread
+            _beat_thread(heartbeat, stop)
+        Acquirer(settings, name).run(stop, ready)
+    elif role == "worker":
+        from inspectd.daemon.worker import Worker
+
+        _torch_threads(n)
+        w = Worker(settings, heartbeat=heartbeat)
+        w.preload()
+        ready()
+        w.run(stop)
+    else:
+        from inspectd.daemon.metrics import Metrics
+        from inspectd.daemon.sink import Sink
+
+        metrics = Metrics()
+        if settings.metrics.enabled:
+            metrics.serve(settings.metrics.host, settings.metrics.port)
+        sink = Sink(settings, metrics=metrics)
+        if on_sink_status is not None or heartbeat is not None:
+            beat = heartbeat or (lambda: None)
+
+            def _hb() -> None:
+                beat()
+                if on_sink_status is not None:
+                    on_sink_status(sink.counts)
+
+            sink.heartbeat = _hb
+        ready()
+        sink.run(stop)
+
+
+def _beat_thread(heartbeat: Callable[[], None], stop: threading.Event) -> None:
+    def loop() -> None:
+        while not stop.is_set():
+            heartbeat()
+            time.sleep(0.5)
+
+    threading.Thread(target=loop, name="heartbeat", daemon=True).start()

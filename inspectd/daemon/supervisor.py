@@ -1,0 +1,208 @@
+"""`inspectd run`: one host's roles as child processes, supervised, and systemd told about it.
+
+Children are spawned (not forked: no torch or ZeroMQ state is shared) in the order sink,
+workers, acquisition, so every socket a child connects to is already bound. A child that
+dies is restarted, at most `restart_limit` times per `restart_window_s`; past that the
+supervisor stops the line and exits non-zero so systemd's Restart= takes over. A child whose
+heartbeat is older than `heartbeat_timeout_s` is hung: it is killed and restarted.
+
+Signal handlers only set a flag; the main loop acts. Shutdown order: acquisition stops (no
+new frames), workers get `drain_s` to finish what is in flight, then the sink audits what is
+still pending as TIMEOUT and closes the audit log.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.sharedctypes import Synchronized, SynchronizedArray
+from typing import Any
+
+import structlog
+
+from inspectd.daemon.config import LineSettings
+from inspectd.daemon.roles import Role, run_role
+from inspectd.daemon.systemd import Notifier
+from inspectd.log import configure as configure_logging
+
+log = structlog.get_logger("inspectd.supervisor")
+_CTX = mp.get_context("spawn")
+STATUS_FIELDS = ("frames", "OK", "NG", "ERROR", "TIMEOUT", "late", "pending")
+
+
+def _child_main(role: Role, settings: LineSettings, name: str | None, stop: Any, ready: Any,
+                beat: Synchronized, stats: SynchronizedArray, log_level: str) -> None:
+    # Ctrl-C reaches the whole process group; only the supervisor decides how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    configure_logging(log_level)
+    structlog.contextvars.bind_contextvars(role=role, name=name)
+
+    def heartbeat() -> None:
+        beat.value = time.monotonic()
+
+    def sink_status(c: Any) -> None:
+        stats[:] = [c.frames, *(c.by_verdict[k] for k in STATUS_FIELDS[1:5]), c.late, c.pending]
+
+    # A multiprocessing Event has threading.Event's interface (is_set, wait, set).
+    run_role(role, settings, stop, name, ready.set, heartbeat, sink_status)
+
+
+@dataclass
+class Child:
+    role: Role
+    name: str | None
+    proc: Any = None
+    stop: Any = None
+    ready: Any = None
+    beat: Any = None
+    restarts: deque = field(default_factory=deque)
+    finished: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.role}:{self.name}" if self.name is not None else self.role
+
+
+class Supervisor:
+    def __init__(self, settings: LineSettings, notifier: Notifier | None = None) -> None:
+        self.s = settings
+        self.notifier = notifier or Notifier()
+        self.stats = _CTX.Array("q", len(STATUS_FIELDS), lock=False)
+        self.children = [Child("sink", None)]
+        self.children += [Child("worker", str(i)) for i in range(settings.worker.count)]
+        self.children += [Child("acquire", cam) for cam in settings.cameras]
+        self._signal: int | None = None
+
+    def status(self) -> dict[str, int]:
+        return dict(zip(STATUS_FIELDS, self.stats[:], strict=True))
+
+    def _start(self, c: Child) -> None:
+        c.stop, c.ready = _CTX.Event(), _CTX.Event()
+        c.beat = _CTX.Value("d", time.monotonic(), lock=False)
+        c.proc = _CTX.Process(
+            target=_child_main, name=f"inspectd-{c.label}", daemon=False,
+            args=(c.role, self.s, c.name, c.stop, c.ready, c.beat, self.stats, self.s.log_level))
+        c.proc.start()
+        log.info("started", child=c.label, pid=c.proc.pid)
+
+    def _wait_ready(self, group: list[Child], timeout: float = 300.0) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self._signal is None:
+            if all(c.ready.is_set() for c in group):
+                return True
+            for c in group:
+                if not c.proc.is_alive():
+                    log.error("child exited during start", child=c.label,
+                              exitcode=c.proc.exitcode)
+                    return False
+            time.sleep(0.05)
+        return False
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        order = [[c for c in self.children if c.role == r] for r in ("sink", "worker", "acquire")]
+        for group in order:
+            for c in group:
+                self._start(c)
+            if not self._wait_ready(group):
+                self._shutdown()
+                return 0 if self._signal is not None else 1
+        self.notifier.ready(self._status_line())
+        log.info("line up", children=[c.label for c in self.children])
+        code = self._loop()
+        self._shutdown()
+        return code
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signal = signum
+
+    def _loop(self) -> int:
+        ping = self.notifier.watchdog_interval
+        last_ping = last_status = 0.0
+        hung_after = self.s.supervisor.heartbeat_timeout_s
+        while self._signal is None:
+            now = time.monotonic()
+            healthy = True
+            for c in self.children:
+                if c.finished:
+                    continue
+                if not c.proc.is_alive():
+                    if c.role == "acquire" and c.proc.exitcode == 0:
+                        # A finite source (a video file) has ended: nothing to restart.
+                        log.info("camera source ended", child=c.label)
+                        c.finished = True
+                        continue
+                    healthy = False
+                    if not self._restart(c, f"exited with code {c.proc.exitcode}"):
+                        return 1
+                elif c.ready.is_set() and now - c.beat.value > hung_after:
+                    healthy = False
+                    c.proc.kill()
+                    c.proc.join(5)
+                    if not self._restart(c, f"no heartbeat for {now - c.beat.value:.1f} s"):
+                        return 1
+                elif not c.ready.is_set():
+                    healthy = False
+            # WATCHDOG only while every child is alive and beating: a hung line gets restarted.
+            if healthy and ping and now - last_ping >= ping / 2:
+                self.notifier.watchdog()
+                last_ping = now
+            if now - last_status >= 2.0:
+                self.notifier.status(self._status_line())
+                last_status = now
+            time.sleep(0.1)
+        return 0
+
+    def _restart(self, c: Child, reason: str) -> bool:
+        now = time.monotonic()
+        window = self.s.supervisor.restart_window_s
+        while c.restarts and now - c.restarts[0] > window:
+            c.restarts.popleft()
+        if len(c.restarts) >= self.s.supervisor.restart_limit:
+            log.error("restart limit reached; stopping the line", child=c.label, reason=reason,
+                      restarts=len(c.restarts), window_s=window)
+            return False
+        c.restarts.append(now)
+        log.warning("restarting child", child=c.label, reason=reason, restarts=len(c.restarts))
+        self._start(c)
+        return True
+
+    def _status_line(self) -> str:
+        st = self.status()
+        ok = st["OK"] / st["frames"] * 100 if st["frames"] else 0.0
+        return (f"frames {st['frames']}, ok {ok:.1f}%, ng {st['NG']}, error {st['ERROR']}, "
+                f"timeout {st['TIMEOUT']}, pending {st['pending']}")
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping(self._status_line())
+        drain = self.s.supervisor.drain_s
+        self.notifier.extend_timeout(drain + 30)
+        log.info("stopping", status=self._status_line())
+        self._stop_group("acquire", 10)
+        end = time.monotonic() + drain
+        while self.status()["pending"] and time.monotonic() < end and self._sink_alive():
+            time.sleep(0.05)
+        self._stop_group("worker", 10)
+        self._stop_group("sink", drain + 20)
+        log.info("stopped", status=self._status_line())
+
+    def _sink_alive(self) -> bool:
+        return any(c.proc is not None and c.proc.is_alive() for c in self.children
+                   if c.role == "sink")
+
+    def _stop_group(self, role: str, timeout: float) -> None:
+        group = [c for c in self.children if c.role == role and c.proc is not None]
+        for c in group:
+            c.stop.set()
+        for c in group:
+            c.proc.join(timeout)
+            if c.proc.is_alive():
+                log.warning("child did not stop in time; killing", child=c.label)
+                c.proc.kill()
+                c.proc.join(5)

@@ -1,0 +1,182 @@
+"""Worker and sink in-process (threads), fed by a hand-driven acquisition socket: every frame,
+good or broken, ends as exactly one audited verdict."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import sqlalchemy as sa
+import zmq
+
+from inspectd.daemon.config import LineSettings
+from inspectd.daemon.protocol import ANNOUNCE, FRAME, VERDICT, FrameHeader, Verdict, new_frame_id
+from inspectd.daemon.sink import Sink
+from inspectd.daemon.transport import socket
+from inspectd.daemon.worker import Worker
+from inspectd.models.registry import publish
+
+
+def audit_rows(url: str) -> list[dict]:
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.text("SELECT * FROM verdicts"))]
+    finally:
+        eng.dispose()
+
+
+def wait_rows(url: str, n: int, timeout: float = 60.0) -> list[dict]:
+    end = time.monotonic() + timeout
+    rows: list[dict] = []
+    while time.monotonic() < end:
+        try:
+            rows = audit_rows(url)
+        except sa.exc.OperationalError:  # table not created yet
+            rows = []
+        if len(rows) >= n:
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"{len(rows)} audit rows after {timeout} s, expected {n}")
+
+
+class Line:
+    """Sink and worker threads plus the two sockets an acquisition process would hold."""
+
+    def __init__(self, settings: LineSettings, worker: bool = True) -> None:
+        self.s = settings
+        self.ctx = zmq.Context()
+        self.stop = threading.Event()
+        self.sink = Sink(settings, self.ctx)
+        self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint("cam1"), bind=True,
+                             hwm=100, linger_ms=0)
+        self.to_sink = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False,
+                              hwm=100, send_timeout_ms=2000)
+        self.threads = [threading.Thread(target=self.sink.run, args=(self.stop, 1.0))]
+        if worker:
+            self.worker = Worker(settings, self.ctx)
+            self.worker.preload()
+            self.threads.append(threading.Thread(target=self.worker.run, args=(self.stop,)))
+        for t in self.threads:
+            t.start()
+
+    def header(self, img: np.ndarray, sku: str = "obj", deadline_s: float = 30.0,
+               **kw: object) -> FrameHeader:
+        now = time.time()
+        h = FrameHeader(new_frame_id(), "cam1", sku, now, now + deadline_s, img.shape,
+                        str(img.dtype), "rgb8", line=self.s.line)
+        for k, v in kw.items():
+            setattr(h, k, v)
+        return h
+
+    def send(self, h: FrameHeader, pixels: bytes | np.ndarray) -> str:
+        self.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        self.frames.send_multipart([FRAME, h.encode(), pixels], copy=False)
+        return h.frame_id
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        self.frames.close(0)
+        self.to_sink.close(0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def settings(object_artifact: Path, tmp_path: Path) -> Iterator[LineSettings]:
+    run_dir = Path(tempfile.mkdtemp(prefix="idt", dir="/tmp"))  # ipc paths must stay short
+    s = LineSettings(
+        line="t1", data_dir=tmp_path / "data", run_dir=run_dir,
+        cameras={"cam1": {"type": "folder", "path": str(tmp_path / "in"), "sku": "obj"}},
+        worker={"max_batch": 4, "max_wait_ms": 20, "attach_ok_every": 1},
+        sink={"timeout_grace_ms": 100}, metrics={"enabled": False})
+    publish(object_artifact, s.models_dir, "obj", "v1")
+    yield s
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _image(path: Path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+
+
+def test_every_frame_gets_exactly_one_verdict_even_when_broken(settings, synth_root):
+    test = synth_root / "object" / "test"
+    good = [_image(p) for p in sorted((test / "good").glob("*.png"))[:3]]
+    bad = [_image(p) for d in sorted(test.iterdir()) if d.name != "good"
+           for p in sorted(d.glob("*.png"))[:1]][:3]
+    line = Line(settings)
+    try:
+        ids = {}
+        for img in good:
+            ids[line.send(line.header(img), img)] = "good"
+        for img in bad:
+            ids[line.send(line.header(img), img)] = "defect"
+        img = good[0]
+        ids[line.send(line.header(img, shape=(99, 99, 3)), img)] = "wrong shape"
+        ids[line.send(line.header(img), b"\x00" * 17)] = "corrupt"
+        ids[line.send(line.header(img, sku="nosuch"), img)] = "unknown sku"
+        ids[line.send(line.header(img, deadline_s=-1.0), img)] = "expired"
+        # Announced but never handed to a worker (lost on the way): the sink times it out.
+        lost = line.header(img, deadline_s=0.5)
+        line.to_sink.send_multipart([ANNOUNCE, lost.encode()])
+        ids[lost.frame_id] = "lost"
+        rows = wait_rows(settings.database_url(), len(ids))
+        time.sleep(1.0)  # nothing more may arrive
+    finally:
+        line.close()
+    rows = audit_rows(settings.database_url())
+    assert sorted(r["frame_id"] for r in rows) == sorted(ids)
+    by = {ids[r["frame_id"]]: r for r in rows if ids[r["frame_id"]] not in ("good", "defect")}
+    wrong = by["wrong shape"]
+    assert wrong["verdict"] == "ERROR" and "corrupt frame" in wrong["reason"]
+    assert by["corrupt"]["verdict"] == "ERROR"
+    assert by["unknown sku"]["verdict"] == "ERROR" and "nosuch" in by["unknown sku"]["reason"]
+    assert by["expired"]["verdict"] == "TIMEOUT"
+    assert by["lost"]["verdict"] == "TIMEOUT"
+    scored = [r for r in rows if ids[r["frame_id"]] in ("good", "defect")]
+    assert all(r["verdict"] in ("OK", "NG") and r["model_version"] == "v1" for r in scored)
+    assert all(r["score"] is not None and r["threshold"] is not None for r in scored)
+    assert sum(r["verdict"] == "NG" for r in scored if ids[r["frame_id"]] == "defect") >= 2
+    for r in scored:
+        if r["verdict"] == "NG":
+            for key in ("image_path", "mask_path", "overlay_path"):
+                assert Path(r[key]).is_file(), key
+    assert all(r["total_ms"] is not None for r in scored)
+
+
+def test_late_and_repeated_verdicts_are_ignored(settings):
+    line = Line(settings, worker=False)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        h = line.header(img, deadline_s=0.2)
+        line.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        wait_rows(settings.database_url(), 1)
+        late = Verdict.for_frame(h, "OK", score=0.1, threshold=1.0, model_version="v1")
+        line.to_sink.send_multipart([VERDICT, late.encode()])
+        line.to_sink.send_multipart([VERDICT, late.encode()])
+        time.sleep(0.5)
+        assert line.sink.counts.late == 2
+    finally:
+        line.close()
+    rows = audit_rows(settings.database_url())
+    assert [r["verdict"] for r in rows] == ["TIMEOUT"]
+
+
+def test_stop_audits_frames_still_in_flight_as_timeout(settings):
+    line = Line(settings, worker=False)
+    img = np.zeros((8, 8, 3), np.uint8)
+    h = line.header(img, deadline_s=600)
+    line.to_sink.send_multipart([ANNOUNCE, h.encode()])
+    time.sleep(0.3)
+    line.close()
+    rows = audit_rows(settings.database_url())
+    assert [(r["frame_id"], r["verdict"]) for r in rows] == [(h.frame_id, "TIMEOUT")]
+    assert "stopped" in rows[0]["reason"]
