@@ -3,6 +3,7 @@ good or broken, ends as exactly one audited verdict."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import threading
@@ -180,3 +181,40 @@ def test_stop_audits_frames_still_in_flight_as_timeout(settings):
     rows = audit_rows(settings.database_url())
     assert [(r["frame_id"], r["verdict"]) for r in rows] == [(h.frame_id, "TIMEOUT")]
     assert "stopped" in rows[0]["reason"]
+
+
+def test_hot_swap_loses_no_frame_and_rows_name_the_scoring_version(settings, synth_root,
+                                                                   object_artifact, tmp_path):
+    # v2: the same model with a different threshold, so each row shows which version scored it.
+    v2 = tmp_path / "v2"
+    shutil.copytree(object_artifact, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    t1 = manifest["threshold"]["image"]
+    manifest["threshold"]["image"] = t2 = t1 * 3
+    (v2 / "manifest.json").write_text(json.dumps(manifest))
+    img = _image(sorted((synth_root / "object" / "test" / "good").glob("*.png"))[0])
+    line = Line(settings)
+    sent = []
+    try:
+        while len(sent) < 10:
+            sent.append(line.send(line.header(img), img))
+            time.sleep(0.05)
+        publish(v2, settings.models_dir, "obj", "v2")
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            sent.append(line.send(line.header(img), img))
+            time.sleep(0.05)
+            rows = audit_rows(settings.database_url())
+            if any(r["model_version"] == "v2" for r in rows) and len(sent) > 40:
+                break
+        wait_rows(settings.database_url(), len(sent))
+    finally:
+        line.close()
+    rows = audit_rows(settings.database_url())
+    assert sorted(r["frame_id"] for r in rows) == sorted(sent)
+    assert {r["verdict"] for r in rows} <= {"OK", "NG"}
+    assert {r["model_version"] for r in rows} == {"v1", "v2"}
+    for r in rows:
+        assert r["threshold"] == pytest.approx(t1 if r["model_version"] == "v1" else t2)
+    order = [r["model_version"] for r in sorted(rows, key=lambda r: sent.index(r["frame_id"]))]
+    assert order == sorted(order)  # once swapped, never back

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import queue
-import shutil
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +19,6 @@ from inspectd.daemon.config import AravisCamera, FolderCamera, OpenCVCamera, Pyl
 from inspectd.daemon.sources import Capture, Source, SourceError, open_source
 from inspectd.daemon.sources import folder as folder_mod
 
-FAKE_CAMERA = "arv-fake-gv-camera-0.8"
 QUIET_S = 0.4  # how long "nothing more arrives" is watched
 
 
@@ -276,43 +272,6 @@ def test_opencv_missing_file_or_sku_is_a_source_error(tmp_path):
 
 
 # --- aravis (fake GigE Vision camera on 127.0.0.1) --------------------------------------
-
-
-def _gvcp_bound() -> bool:
-    """Whether something listens on 127.0.0.1:3956 (GVCP), from /proc/net/udp."""
-    return any(line.split()[1] == "0100007F:0F74"
-               for line in Path("/proc/net/udp").read_text().splitlines()[1:])
-
-
-class FakeCamera:
-    def __init__(self, serial: str) -> None:
-        self.serial, self.proc = serial, None
-
-    def start(self) -> None:
-        if _gvcp_bound():
-            pytest.fail("127.0.0.1:3956 is taken: another GigE Vision (fake) camera is running")
-        self.proc = subprocess.Popen([FAKE_CAMERA, "-i", "127.0.0.1", "-s", self.serial],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        end = time.monotonic() + 10
-        while not _gvcp_bound():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"{FAKE_CAMERA} did not start (exit {self.proc.poll()})")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def fake_camera() -> Iterator[FakeCamera]:
-    if shutil.which(FAKE_CAMERA) is None:
-        pytest.fail(f"{FAKE_CAMERA} not found: apt-get install aravis-tools gir1.2-aravis-0.8")
-    cam = FakeCamera("FAKE42")
-    cam.start()
-    yield cam
-    cam.kill()
 
 
 def aravis_cam(**kw) -> AravisCamera:

@@ -8,6 +8,7 @@ worker connected, worker queue full) is not buffered: it is audited as TIMEOUT r
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ from inspectd.daemon.sources import Capture, open_source
 from inspectd.daemon.transport import TransportError, socket
 
 log = structlog.get_logger("inspectd.acquire")
+WORKER_WAIT_S = 30.0
 
 
 class Acquirer:
@@ -36,8 +38,9 @@ class Acquirer:
                  ctx: zmq.Context | None = None) -> None:
         self.s, self.camera, self.cfg = settings, camera, settings.cameras[camera]
         self.ctx = ctx or zmq.Context.instance()
-        # Frames wait here while the worker is busy, up to `worker.queue`; past that the line
-        # is overloaded and the frame is audited as a reject instead of queued without bound.
+        # Up to `worker.queue` frames wait here for a worker (a burst of files, a busy
+        # worker); past that the line is overloaded and a frame is audited as a reject at
+        # once, instead of queueing for longer than its deadline.
         hwm = settings.worker.queue
         self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint(camera), bind=True,
                              hwm=hwm, linger_ms=0)
@@ -47,6 +50,7 @@ class Acquirer:
 
     def run(self, stop: threading.Event, ready: Callable[[], None] = lambda: None) -> None:
         source = open_source(self.camera, self.cfg)
+        self.wait_for_worker(stop)
         ready()
         try:
             for cap in source.frames(stop):
@@ -56,6 +60,22 @@ class Acquirer:
         finally:
             source.close()
             self.close()
+
+    def wait_for_worker(self, stop: threading.Event, timeout: float = WORKER_WAIT_S) -> bool:
+        """Before the first frame, wait until a worker has connected: workers connect to this
+        camera's endpoint only once it is bound, and a frame sent before that is shed."""
+        mon = self.frames.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        try:
+            end = time.monotonic() + timeout
+            while not stop.is_set() and time.monotonic() < end:
+                if mon.poll(100):
+                    return True
+        finally:
+            self.frames.disable_monitor()
+            mon.close(0)
+        log.warning("no worker connected; frames are audited as TIMEOUT until one does",
+                    camera=self.camera, waited_s=timeout)
+        return False
 
     def close(self) -> None:
         self.frames.close()

@@ -13,8 +13,10 @@ still pending as TIMEOUT and closes the audit log.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,7 +39,11 @@ def _child_main(role: Role, settings: LineSettings, name: str | None, stop: Any,
                 beat: Synchronized, stats: SynchronizedArray, log_level: str) -> None:
     # Ctrl-C reaches the whole process group; only the supervisor decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM (sent directly, or by the kernel when the supervisor dies) stops this child
+    # gracefully. The handler must not set the Event itself: it may interrupt the main
+    # thread inside stop.wait(), holding the lock set() needs.
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=stop.set).start())
+    _die_with_parent(signal.SIGTERM)
     configure_logging(log_level)
     structlog.contextvars.bind_contextvars(role=role, name=name)
 
@@ -49,6 +55,15 @@ def _child_main(role: Role, settings: LineSettings, name: str | None, stop: Any,
 
     # A multiprocessing Event has threading.Event's interface (is_set, wait, set).
     run_role(role, settings, stop, name, ready.set, heartbeat, sink_status)
+
+
+def _die_with_parent(sig: int) -> None:
+    """Linux prctl(PR_SET_PDEATHSIG): children do not outlive a killed supervisor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        log.warning("cannot tie this process's life to the supervisor's (no prctl)")
 
 
 @dataclass

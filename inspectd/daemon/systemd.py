@@ -52,6 +52,8 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                # A manager that stops reading must not freeze the supervisor: drop instead.
+                self._sock.setblocking(False)
             self._sock.sendto("\n".join(lines).encode(), self._address)
         except OSError as e:
             if not self._warned:

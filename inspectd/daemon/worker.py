@@ -44,7 +44,13 @@ class _Frame:
 
 
 class ModelCache:
-    """SKU → loaded detector for the version `current` points at; least recently used evicted."""
+    """SKU → loaded detector for the version `current` points at; least recently used evicted.
+
+    A SKU's first model loads in the foreground (there is nothing else to score with). A new
+    version of a loaded SKU loads in a background thread while the old one keeps scoring;
+    the swap happens between batches, so a batch is scored by one version and every verdict
+    names the version that scored it.
+    """
 
     def __init__(self, models_dir: Path, size: int, device: str, precision: str,
                  heartbeat: Callable[[], None] = lambda: None) -> None:
@@ -52,27 +58,72 @@ class ModelCache:
         self.device, self.precision = device, precision
         self.heartbeat = heartbeat
         self._cache: OrderedDict[str, tuple[str, object]] = OrderedDict()
+        self._loading: dict[str, tuple[str, threading.Thread]] = {}
+        self._loaded: dict[str, tuple[str, object]] = {}  # finished background loads
+        self._failed: dict[str, tuple[str, float]] = {}  # sku → (version, when), for backoff
+        self._lock = threading.Lock()
 
     def get(self, sku: str) -> tuple[str, object]:
         """(version, detector); re-resolves `current` each call so a promotion takes effect."""
-        from inspectd.models import load
         from inspectd.models.registry import current_version
 
         version, path = current_version(self.models_dir, sku)
+        with self._lock:
+            done = self._loaded.pop(sku, None)
+        if done is not None and done[0] == version:
+            self._put(sku, done)
+            log.info("model swapped in", sku=sku, version=version)
         hit = self._cache.get(sku)
         if hit is not None and hit[0] == version:
             self._cache.move_to_end(sku)
             return hit
-        with _beating(self.heartbeat):  # loading and warming up is slow, not hung
-            det = load(path, device=self.device, precision=self.precision)
-            det.predict([np.zeros((64, 64, 3), np.uint8)], keep_image=False)
-        log.info("model loaded", sku=sku, version=version, kind=det.kind,
-                 bf16=det.runtime.bf16, device=str(det.runtime.device))
-        self._cache[sku] = (version, det)
+        if hit is None:
+            with _beating(self.heartbeat):  # loading and warming up is slow, not hung
+                entry = (version, self._load(sku, version, path))
+            self._put(sku, entry)
+            return entry
+        self._load_in_background(sku, version, path)
+        self._cache.move_to_end(sku)
+        return hit
+
+    def _put(self, sku: str, entry: tuple[str, object]) -> None:
+        self._cache[sku] = entry
         self._cache.move_to_end(sku)
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return version, det
+
+    def _load(self, sku: str, version: str, path: Path) -> object:
+        from inspectd.models import load
+
+        det = load(path, device=self.device, precision=self.precision)
+        det.predict([np.zeros((64, 64, 3), np.uint8)], keep_image=False)
+        log.info("model loaded", sku=sku, version=version, kind=det.kind,
+                 bf16=det.runtime.bf16, device=str(det.runtime.device))
+        return det
+
+    def _load_in_background(self, sku: str, version: str, path: Path) -> None:
+        busy = self._loading.get(sku)
+        if busy is not None and busy[1].is_alive():
+            return
+        failed = self._failed.get(sku)
+        if failed is not None and failed[0] == version and time.monotonic() - failed[1] < 30:
+            return  # a broken version: the old one keeps scoring; retry now and then
+
+        def run() -> None:
+            try:
+                det = self._load(sku, version, path)
+            except Exception as e:  # keep scoring with the loaded version
+                log.error("new model version failed to load; keeping the old one", sku=sku,
+                          version=version, error=str(e))
+                self._failed[sku] = (version, time.monotonic())
+                return
+            with self._lock:
+                self._loaded[sku] = (version, det)
+
+        t = threading.Thread(target=run, name=f"load-{sku}", daemon=True)
+        self._loading[sku] = (version, t)
+        log.info("loading new model version in the background", sku=sku, version=version)
+        t.start()
 
     def versions(self) -> dict[str, str]:
         return {sku: v for sku, (v, _) in self._cache.items()}
@@ -103,13 +154,14 @@ class Worker:
         w = settings.worker
         self.ctx = ctx or zmq.Context.instance()
         endpoints = [settings.frames_endpoint(c) for c in settings.cameras]
-        self.frames = socket(self.ctx, zmq.PULL, endpoints, bind=False, hwm=max(2, w.max_batch))
+        self.frames = socket(self.ctx, zmq.PULL, endpoints, bind=False, hwm=w.max_batch)
         self.out = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False, hwm=10_000,
                           send_timeout_ms=5000)
         self.heartbeat = heartbeat or (lambda: None)
         self.models = ModelCache(settings.models_dir, w.model_cache, w.device, w.precision,
                                  self.heartbeat)
         self.queue: deque[_Frame] = deque()
+        self._ms_per_image: float | None = None  # moving average of inference time
         self._ok_seen = 0
 
     def preload(self) -> None:
@@ -143,7 +195,8 @@ class Worker:
 
     # -- batching -------------------------------------------------------------------------
     def _receive(self) -> None:
-        while len(self.queue) < self.s.worker.queue:
+        # Hold two batches: enough to group by SKU; the rest waits (bounded) at acquisition.
+        while len(self.queue) < 2 * self.s.worker.max_batch:
             try:
                 parts = self.frames.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -198,6 +251,7 @@ class Worker:
                                              timings_ms=self._timings(f, t_start)))
                 continue
             live.append((f, raw, rgb, (time.perf_counter() - t0) * 1000))
+        live = self._shed_hopeless(live, t_start)
         if not live:
             return
         try:
@@ -219,6 +273,9 @@ class Worker:
                     model_version=version, timings_ms=self._timings(f, t_start, dec)), raw)
             return
         infer_ms = (time.perf_counter() - t0) * 1000
+        per_image = infer_ms / len(live)
+        self._ms_per_image = per_image if self._ms_per_image is None else (
+            0.8 * self._ms_per_image + 0.2 * per_image)
         done = time.time()
         for (f, raw, _, dec), p in zip(live, preds, strict=True):
             h = f.header
@@ -233,6 +290,24 @@ class Worker:
                 timings_ms=self._timings(f, t_start, dec, infer_ms))
             attach = kind != "OK" or self._sample_ok()
             self._send(v, raw if attach else None, p.anomaly_map if kind != "OK" else None)
+
+    def _shed_hopeless(self, live: list, t_start: float) -> list:
+        """Under overload, inference spent on a frame that will miss its deadline anyway is
+        taken from frames that could still make theirs: judge those TIMEOUT unscored."""
+        if self._ms_per_image is None:
+            return live
+        expected = self._ms_per_image * len(live) / 1000
+        keep = []
+        for item in live:
+            f, _, _, dec = item
+            if t_start + expected > f.header.deadline_ts:
+                self._send(Verdict.for_frame(
+                    f.header, "TIMEOUT", f"would miss its deadline (queued "
+                    f"{(t_start - f.header.capture_ts) * 1000:.0f} ms, scoring takes "
+                    f"~{expected * 1000:.0f} ms)", timings_ms=self._timings(f, t_start, dec)))
+            else:
+                keep.append(item)
+        return keep
 
     def _sample_ok(self) -> bool:
         every = self.s.worker.attach_ok_every

@@ -76,7 +76,10 @@ class Pacer:
         return max(0.0, self._due - time.monotonic())
 
     def mark(self) -> None:
-        self._due = time.monotonic() + self.interval
+        # Schedule from the previous due time so lateness does not accumulate into a lower
+        # rate; after a long stall, start afresh instead of bursting to catch up.
+        now = time.monotonic()
+        self._due = max(self._due + self.interval, now)
 
 
 class SourceBase:
