@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/run.py [--out BENCHMARKS.md] [--quick] [--only SECTION]
 
-Sections (`--only coreset|models|elpv` runs one; the Markdown then holds only that one):
+Sections (`--only coreset|models|elpv|daemon` runs one; the Markdown then holds only that one):
   coreset  `benchmarks/bench_coreset.py --json` at 200k and 1M rows (384-d features projected to
            128-d), run as subprocesses: approximate vs exact greedy selections/s, covering radii
            (approximate, exact, random sampling), peak RSS.
@@ -13,6 +13,9 @@ Sections (`--only coreset|models|elpv` runs one; the Markdown then holds only th
            precisions, the artifact's fit-time bf16 verdict.
   elpv     image-level accuracy on real data: the ELPV solar-cell set (PyPI `elpv-dataset`) laid
            out as `elpv_mono` / `elpv_poly`, fit and scored per kind in fp32 and bf16.
+  daemon   `benchmarks/bench_daemon.py --json` as a subprocess: the bare model's images/s, then
+           `inspectd run` (looping video camera, Modbus PLC) offered 3×, 0.5× and 2× that rate:
+           judged frames/s, capture → PLC latency, every part audited, RSS of the process tree.
 `--quick` runs tiny sizes (a smoke check). Without `--out` the Markdown goes to stdout; raw
 results always go to outputs/bench/results.json (quick: outputs/bench-quick/).
 """
@@ -46,6 +49,7 @@ PRECISIONS = ("fp32", "bf16")
 METRICS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "ms_per_image")
 FIT_TARGET_S, BATCH8_TARGET_MS = 60.0, 60.0
 SEL_TARGET, RADIUS_TARGET, TARGET_ROWS = 1000.0, 1.5, 200_000  # coreset
+DAEMON_RATIO_TARGET = 0.9  # judged frames/s at saturation ÷ bare model images/s
 QUIET_CORES, DISTURBED_CORES = 0.1, 0.2  # other processes' mean CPU use: wait / measure again
 
 
@@ -287,6 +291,12 @@ def run_coreset(plan: Plan) -> dict[str, Any]:
     return out
 
 
+def run_daemon(plan: Plan, quick: bool) -> dict[str, Any]:
+    log("daemon: bare model, then inspectd run at three loads")
+    return subprocess_json(["benchmarks/bench_daemon.py"] + (["--quick"] if quick else []),
+                           plan.out / "raw" / "daemon.json")
+
+
 def run_workers(section: str, plan: Plan, quick: bool) -> dict[str, Any]:
     args = ["benchmarks/run.py", "--worker", section] + (["--quick"] if quick else [])
     return {k: subprocess_json([*args, "--kind", k], plan.out / "raw" / f"{section}-{k}.json")
@@ -493,6 +503,104 @@ def elpv_md(res: dict[str, Any], counts: dict[str, dict[str, int]]) -> str:
     ])
 
 
+LOAD_NAMES = {"saturation": "saturation (3×)", "half": "50% (0.5×)", "double": "200% (2×)"}
+
+
+def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
+    p, bare, runs = res["plan"], res["bare"], res["runs"]
+    base = bare["images_per_s"]["median"]
+    load_rows, latency_rows, audit_rows = [], [], []
+    load_rows.append(["bare model", "–", span(bare["images_per_s"]), "1.00", "", "", "", ""])
+    for name, r in runs.items():
+        ratio = r["judged_fps"] / base
+        v = r["verdicts"]
+        load_rows.append([
+            LOAD_NAMES.get(name, name), f"{r['offered_fps']:.1f} / {r['captured_fps']:.1f}",
+            span(r["judged_fps_bins"]), f"{ratio:.2f}",
+            check(ratio >= DAEMON_RATIO_TARGET) if name == "saturation" else "",
+            f"{r['frames']:,}", " / ".join(f"{v.get(k, 0):,}" for k in
+                                           ("OK", "NG", "ERROR", "TIMEOUT")),
+            ", ".join(f"{c} {n:,}" for c, n in sorted(r["timeouts"].items())) or "–",
+        ])
+        lat, st = r["latency_ms"], r["stages_ms"]
+        latency_rows.append([
+            LOAD_NAMES.get(name, name), num(lat and lat["median"], ",.0f"),
+            num(lat and lat["p99"], ",.0f"), f"{lat['n']:,}" if lat else "0",
+            *(num(st[k] and st[k]["median"], ",.1f") for k in ("queue", "decode", "infer",
+                                                                "total")),
+        ])
+        first, last = r["rss_mib_first_third"], r["rss_mib_last_third"]
+        audit_rows.append([
+            LOAD_NAMES.get(name, name), f"1..{r['parts_max']:,}",
+            check(r["parts_complete"]), f"{r['parts_missing']} / {r['parts_duplicates']}",
+            num(first, ",.0f"), num(last, ",.0f"),
+            f"{(last / first - 1) * 100:+.1f}%" if first else "–", r["exit_code"],
+        ])
+    sat = runs.get("saturation")
+    if sat:
+        ratio = sat["judged_fps"] / base
+        notes.append(
+            f"Daemon at saturation: {sat['judged_fps']:.1f} judged frames/s = {ratio:.2f}× the "
+            f"bare model's {base:.1f} images/s (target ≥ {DAEMON_RATIO_TARGET} "
+            f"{check(ratio >= DAEMON_RATIO_TARGET)}); "
+            f"{sat['timeouts'].get('overload', 0):,} frames shed at intake as TIMEOUT "
+            "(overload).")
+    if (half := runs.get("half")) and half["latency_ms"]:
+        notes.append(
+            f"Daemon at 50% load: capture → PLC {half['latency_ms']['median']:.0f} ms median, "
+            f"{half['latency_ms']['p99']:.0f} ms p99.")
+    if dbl := runs.get("double"):
+        first, last = dbl["rss_mib_first_third"], dbl["rss_mib_last_third"]
+        notes.append(
+            f"Daemon at 200% load: {dbl['frames']:,} frames, part ids 1..{dbl['parts_max']:,} "
+            f"each audited exactly once {check(dbl['parts_complete'])}; process-tree RSS "
+            f"{first:,.0f} → {last:,.0f} MiB (first → last third of the window).")
+    return "\n".join([
+        "## The running line (`inspectd run`)",
+        "",
+        f"`benchmarks/bench_daemon.py --json F` (run {res['date']}: `{res['command']}`). "
+        f"Synthetic `object` set at 256×256; the {res['video_frames']} test images (good and "
+        "defect interleaved) as an MJPG video; PatchCore with default settings fitted on "
+        f"{p['n_train']} OK images passed through the same codec (as the camera delivers "
+        "them). Bare model = the artifact loaded as the worker loads "
+        f"it (`precision=\"auto\"`: {'bf16' if bare['bf16'] else 'fp32'}, {bare['device']}), "
+        f"{res['worker_threads']} threads (the worker's share of the cores), batch-8 "
+        "predictions on the decoded frames, images/s median (min–max) of "
+        f"{p['bare_repeats']} repeats. Each load is a fresh `inspectd run`: an opencv camera "
+        "looping over the video with max_fps a multiple of the bare rate (captured = frames "
+        "the camera delivered per second in the window), deadline 2000 ms; worker max_batch 8, "
+        "max_wait 10 ms; metrics off; the PLC is a "
+        "pymodbus TCP server in the benchmark process that timestamps every write (part "
+        "register, then verdict register, reject coil pulse, heartbeat); SQLite audit log, NG "
+        f"images saved. {p['duration_s']:.0f} s of frames after READY, the first "
+        f"{p['warmup_s']:.0f} s discarded. Judged = OK + NG verdicts per second by decision "
+        "time, median (min–max) over 5 s bins; judged / bare uses the window's mean. Target: "
+        f"≥ {DAEMON_RATIO_TARGET} × bare at saturation. TIMEOUT causes: overload = shed by "
+        "acquisition (no worker room), queued = deadline passed in the worker's queue, scored "
+        "late = scored but finished after the deadline, no verdict = the sink's deadline "
+        "expired first, shutdown = still pending at the stop.",
+        "",
+        table(["load", "max_fps / captured frames/s", "judged frames/s", "judged / bare",
+               f"≥ {DAEMON_RATIO_TARGET}", "frames audited", "OK / NG / ERROR / TIMEOUT",
+               "TIMEOUT causes"], load_rows),
+        "",
+        "Latency of the judged (OK/NG) frames captured in the window (the last 3 s left out): "
+        "capture → the verdict's write to the PLC (joined on the part id), and the worker's "
+        "own stage timings from the audit log (medians; queue = capture → scoring starts, "
+        "infer = the whole batch's inference, total = capture → verdict sent to the sink).",
+        "",
+        table(["load", "capture → PLC ms median", "p99", "frames", "queue ms", "decode ms",
+               "infer ms (batch)", "total ms"], latency_rows),
+        "",
+        "Every frame audited once: part ids (the camera numbers frames 1, 2, 3 …) over all "
+        "audit rows after a SIGTERM stop. RSS = VmRSS summed over the supervisor and all its "
+        "descendants, sampled every 2 s; median over the first vs the last third of the window.",
+        "",
+        table(["load", "part ids", "1..N, no gap", "missing / duplicates",
+               "RSS MiB first third", "last third", "change", "exit code"], audit_rows),
+    ])
+
+
 def cross_notes(results: dict[str, Any]) -> list[str]:
     """Observations across the model sections: bf16 speed, accuracy and verdicts; bank cost."""
     fits = [(f"{kind}/{cat}", r[cat]) for s in ("models", "elpv")
@@ -536,9 +644,9 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
     parts = [
         "# Benchmarks",
         "",
-        "Speed and accuracy of `inspectd.models` on one CPU machine, written by "
-        "`benchmarks/run.py` (numbers below are from the run described in the header; rerun "
-        "to refresh them).",
+        "Speed and accuracy of `inspectd.models`, and the running line (`inspectd run`), on one "
+        "CPU machine, written by `benchmarks/run.py` (numbers below are from the run described "
+        "in the header; rerun to refresh them).",
         "",
         table(["", ""], [
             ["machine", f"{m['cpu']} ({', '.join(m['isa']) or 'no AVX-512'}), {m['cores']} "
@@ -557,9 +665,12 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
         parts += ["", models_md(results["models"], plan, notes)]
     if "elpv" in results:
         parts += ["", elpv_md(results["elpv"], results["elpv_counts"])]
+    if "daemon" in results:
+        parts += ["", daemon_md(results["daemon"], notes)]
     notes += cross_notes(results)
     others = {"coreset": [r for runs in results.get("coreset", {}).values() for r in runs],
-              **{s: list(results.get(s, {}).values()) for s in ("models", "elpv")}}
+              **{s: list(results.get(s, {}).values()) for s in ("models", "elpv")},
+              "daemon": [results["daemon"]] if "daemon" in results else []}
     worst = ", ".join(f"{s} {max(r['other_cores'] for r in runs):.2f} cores"
                       for s, runs in others.items() if runs)
     notes.append(f"Other processes' mean CPU use while a measuring process ran, at most: {worst}"
@@ -568,10 +679,13 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
                  "less disturbed one kept.")
     parts += [
         "", "## How to reproduce", "",
-        "`make bench` (= `.venv/bin/python benchmarks/run.py --out BENCHMARKS.md`; about 20 "
-        "minutes on an idle machine of this size). `--quick` is a two-minute smoke run at tiny "
-        "sizes; `--only coreset|models|elpv` runs one section. Raw results: "
-        "`outputs/bench/results.json`; data under `data/`, artifacts under `outputs/bench/`.",
+        "`make bench` (= `.venv/bin/python benchmarks/run.py --out BENCHMARKS.md`; about 25 "
+        "minutes on an idle machine of this size). `--quick` is a smoke run at tiny sizes; "
+        "`--only coreset|models|elpv|daemon` runs one section (the daemon section alone: "
+        "`.venv/bin/python benchmarks/run.py --only daemon`, about 5 minutes; or "
+        "`benchmarks/bench_daemon.py [--quick] --json F` for its raw results only). Raw "
+        "results: `outputs/bench/results.json`; data under `data/`, artifacts under "
+        "`outputs/bench/`.",
         "", "## Notes", "",
         *[f"* {n}" for n in notes],
         "* Timings are wall-clock on a shared machine; the spread columns show how steady a "
@@ -584,7 +698,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="write the Markdown here (default: stdout)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check")
-    ap.add_argument("--only", choices=("coreset", "models", "elpv"))
+    ap.add_argument("--only", choices=("coreset", "models", "elpv", "daemon"))
     ap.add_argument("--worker", choices=("models", "elpv"), help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -600,7 +714,7 @@ def main() -> None:
     exe = Path(sys.executable)
     exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
     results: dict[str, Any] = {"machine": machine(shlex.join([str(exe), *sys.argv]))}
-    sections = [a.only] if a.only else ["coreset", "models", "elpv"]
+    sections = [a.only] if a.only else ["coreset", "models", "elpv", "daemon"]
     if "coreset" in sections:
         results["coreset"] = run_coreset(plan)
     if "models" in sections:
@@ -609,6 +723,8 @@ def main() -> None:
     if "elpv" in sections:
         results["elpv_counts"] = ensure_elpv(plan)
         results["elpv"] = run_workers("elpv", plan, a.quick)
+    if "daemon" in sections:
+        results["daemon"] = run_daemon(plan, a.quick)
     results["machine"]["load_end"] = os.getloadavg()[0]
     results["seconds"] = time.perf_counter() - t0
     plan.out.mkdir(parents=True, exist_ok=True)
