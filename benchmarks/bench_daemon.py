@@ -363,10 +363,12 @@ def audit_rows(line: Path) -> list[dict[str, Any]]:
 
 
 def timeout_cause(reason: str | None) -> str:
-    """TIMEOUT reasons grouped: shed at intake, aged out in the worker's queue, scored too
-    late, no verdict in time (sink), or still pending when the daemon stopped."""
+    """TIMEOUT reasons grouped: shed at intake, aged out in the worker's queue, shed by the
+    worker because its batch would finish too late, scored too late, no verdict in time
+    (sink), or still pending when the daemon stopped."""
     r = reason or ""
     for prefix, cause in (("overload", "overload"), ("deadline passed before", "queued"),
+                          ("would miss", "hopeless"),
                           ("scored", "scored late"), ("no verdict", "no verdict"),
                           ("daemon stopped", "shutdown")):
         if r.startswith(prefix):

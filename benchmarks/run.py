@@ -576,7 +576,8 @@ def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
         f"{p['warmup_s']:.0f} s discarded. Judged = OK + NG verdicts per second by decision "
         "time, median (min–max) over 5 s bins; judged / bare uses the window's mean. Target: "
         f"≥ {DAEMON_RATIO_TARGET} × bare at saturation. TIMEOUT causes: overload = shed by "
-        "acquisition (no worker room), queued = deadline passed in the worker's queue, scored "
+        "acquisition (no worker room), queued = deadline passed in the worker's queue, "
+        "hopeless = shed unscored by the worker (its batch would end past the deadline), scored "
         "late = scored but finished after the deadline, no verdict = the sink's deadline "
         "expired first, shutdown = still pending at the stop.",
         "",
