@@ -162,8 +162,13 @@ def _calibrate(
     if len(ng):
         ng_scores, _, _ = det.score_images(load_images(ng))
         labels = np.r_[np.zeros(len(ok_scores)), np.ones(len(ng_scores))]
-        f1, t = f1_max(labels, np.r_[ok_scores, ng_scores])
-        det.threshold = float(t)
+        both = np.r_[ok_scores, ng_scores]
+        f1, t = f1_max(labels, both)
+        # F1-max puts the threshold on the lowest NG score it keeps; halfway down to the next
+        # lower score keeps the same verdicts with a margin on both sides (a bf16 run, a
+        # slightly different camera frame must not flip that NG to OK).
+        below = both[both < t]
+        det.threshold = float((t + below.max()) / 2 if below.size else t)
         method = f"F1-optimal on {len(ok_scores)} held-out OK and {len(ng_scores)} NG (F1 {f1:.3f})"
     det.pixel_threshold = float(np.quantile(ok_maps, cal.pixel_quantile)) * (1.0 + cal.margin)
 
