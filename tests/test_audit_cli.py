@@ -62,7 +62,7 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def postgres_url(postgres_db: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     engine = sa.create_engine(postgres_db.url)
     with engine.begin() as c:
-        c.execute(sa.text("DROP TABLE IF EXISTS verdicts, alembic_version"))
+        c.execute(sa.text("DROP TABLE IF EXISTS labels, verdicts, alembic_version"))
     engine.dispose()
     return populate(postgres_db.url, tmp_path_factory.mktemp("pg-spool"))
 

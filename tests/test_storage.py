@@ -64,7 +64,7 @@ def empty_postgres(pg: Any) -> Any:
     """The session's PostgreSQL database without tables, so each test starts afresh."""
     engine = sa.create_engine(pg.url)
     with engine.begin() as c:
-        c.execute(sa.text("DROP TABLE IF EXISTS verdicts, alembic_version"))
+        c.execute(sa.text("DROP TABLE IF EXISTS labels, verdicts, alembic_version"))
     engine.dispose()
     return pg
 
@@ -153,7 +153,7 @@ def test_upgrade_creates_schema_and_is_rerunnable(backend: Backend) -> None:
         assert ["frame_id"] in unique
         with engine.connect() as c:
             assert c.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
-                ("0001",)]
+                ("0002",)]
     finally:
         engine.dispose()
 

@@ -32,7 +32,7 @@ from sqlalchemy import Insert, exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from inspectd.daemon.protocol import ProtocolError, Verdict
-from inspectd.storage.db import StorageError, make_engine, safe_url, upgrade
+from inspectd.storage.db import StorageError, first_line, make_engine, safe_url, upgrade
 from inspectd.storage.schema import verdicts
 from inspectd.storage.spool import Spool
 
@@ -172,9 +172,9 @@ class AuditLog:
     def _down(self, e: Exception) -> None:
         if self.db_up or self._retry_at == 0.0:
             log.error("audit database unreachable, spooling rows", url=self.url,
-                      error=_first_line(e), retry_s=self.retry_s)
+                      error=first_line(e), retry_s=self.retry_s)
         else:
-            log.debug("audit database still unreachable", url=self.url, error=_first_line(e))
+            log.debug("audit database still unreachable", url=self.url, error=first_line(e))
         self.db_up = False
         self._retry_at = time.monotonic() + self.retry_s
         self.engine.dispose()  # pooled connections to a restarted server are dead
@@ -210,7 +210,7 @@ class AuditLog:
                 self._down(e)
                 return False
             log.warning("batch refused by the database, inserting row by row",
-                        error=_first_line(e))
+                        error=first_line(e))
         for v, p in items:  # find the rows at fault; the others go in
             try:
                 self._execute([_row(v, p)])
@@ -219,7 +219,7 @@ class AuditLog:
                     self._down(e)
                     return False
                 log.error("audit row refused by the database", frame_id=v.frame_id,
-                          error=_first_line(e))
+                          error=first_line(e))
                 self._reject([_encode(v, p)])
         return True
 
@@ -286,8 +286,3 @@ def _row(v: Verdict, paths: dict[str, str] | None) -> dict[str, Any]:
         "overlay_path": p.get("overlay"), "image_sha256": v.image_sha256,
     }
 
-
-def _first_line(e: BaseException) -> str:
-    orig = getattr(e, "orig", None)
-    text = str(orig if orig is not None else e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy import Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.engine import URL
 
 from inspectd.errors import InspectdError
@@ -87,6 +89,48 @@ def upgrade(target: str | Engine, revision: str = "head") -> None:
             cfg = alembic_config(engine.url)
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, revision)
+    finally:
+        if isinstance(target, str):
+            engine.dispose()
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of a (DBAPI) error's message, for one-line errors and logs."""
+    orig = getattr(e, "orig", None)
+    text = str(orig if orig is not None else e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextmanager
+def db_errors(url: str | URL) -> Iterator[None]:
+    """SQLAlchemy failures as one-line StorageErrors naming the (password-less) URL."""
+    try:
+        yield
+    except exc.SQLAlchemyError as e:
+        raise StorageError(f"audit database {safe_url(url)}: {first_line(e)}") from None
+
+
+@contextmanager
+def existing_database(target: str | Engine,
+                      tables: tuple[str, ...] = ("verdicts", "labels")) -> Iterator[Engine]:
+    """An engine on an existing audit database that has `tables`; never creates one.
+
+    An Engine passed in stays open; one made from a URL is disposed of on exit. Database
+    failures inside the block become one-line StorageErrors.
+    """
+    engine = make_engine(target) if isinstance(target, str) else target
+    try:
+        u = engine.url
+        if u.get_backend_name() == "sqlite" and not Path(u.database or "").expanduser().is_file():
+            raise StorageError(f"no audit database at {u.database} "
+                               f"(start the sink or run `inspectd db upgrade`)")
+        with db_errors(u):
+            have = inspect(engine)
+            for table in tables:
+                if not have.has_table(table):
+                    raise StorageError(f"{safe_url(u)} has no {table} table: "
+                                       f"run `inspectd db upgrade`")
+            yield engine
     finally:
         if isinstance(target, str):
             engine.dispose()

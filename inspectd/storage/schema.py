@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Dialect,
@@ -78,4 +79,18 @@ verdicts = Table(
     Index(None, "sku", "capture_time"),
     Index(None, "verdict", "capture_time"),
     Index(None, "capture_time"),
+)
+
+# An operator's word on a frame. No foreign key to verdicts: a label outlives the verdict row
+# (audit retention may delete it) and refers to it by frame id only.
+labels = Table(
+    "labels", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+           autoincrement=True),
+    Column("frame_id", String(64), nullable=False, unique=True, index=True),
+    Column("label", String(2), CheckConstraint("label IN ('OK', 'NG')", name="ck_labels_label"),
+           nullable=False),
+    Column("note", Text),
+    Column("labelled_by", String(64), nullable=False),
+    Column("labelled_time", UTCDateTime, nullable=False),
 )
