@@ -125,7 +125,10 @@ class WorkerSettings(Section):
     count: int = Field(1, ge=1, description="worker processes on this host")
     max_batch: int = Field(8, ge=1, description="frames of one SKU scored together")
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
-    queue: int = Field(64, ge=1, description="frames held in the worker before shedding")
+    queue: int = Field(
+        16, ge=1, description="frames per camera waiting for a worker; past that a frame is "
+        "shed (audited TIMEOUT). Keep it well under what a worker scores within a deadline"
+    )
     model_cache: int = Field(4, ge=1, description="SKU models kept loaded (LRU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -221,6 +224,41 @@ class SupervisorSettings(Section):
     heartbeat_timeout_s: float = Field(10.0, gt=0, description="a child silent this long is hung")
 
 
+class RefitSettings(Section):
+    """`inspectd refit` and `inspectd models drift`: training pool, gates, resources."""
+
+    min_images: int = Field(30, ge=4, description="fewer OK frames in the pool is an error")
+    max_images: int | None = Field(
+        1000, ge=4, description="newest OK frames used at most (null = all kept)"
+    )
+    near_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="leave out OK frames that scored ≥ this × threshold "
+        "(possible unnoticed defects)"
+    )
+    holdout: float = Field(
+        0.2, gt=0.0, lt=0.9, description="share of the pool held out for the gates (never fitted)"
+    )
+    min_holdout: int = Field(10, ge=1, description="at least this many held-out frames")
+    max_false_reject: float = Field(
+        0.01, ge=0.0, le=1.0, description="gate: candidate's rejects among held-out OK frames"
+    )
+    max_shift: float = Field(
+        0.2, ge=0.0, description="gate: candidate's held-out p95 score/threshold may exceed the "
+        "current version's by at most this"
+    )
+    model: Path | None = Field(
+        None, description="model settings YAML for a SKU without a current version "
+        "(else the current version's own settings are reused); null = defaults"
+    )
+    threads: int = Field(1, ge=1, description="torch/OpenMP/faiss threads of a refit")
+    nice: int = Field(10, ge=0, le=19, description="a refit lowers its CPU priority by this")
+    drift_ks: float = Field(
+        0.3, gt=0.0, le=1.0, description="drift: KS statistic of recent vs calibration scores "
+        "past which (scores moved up, p < 0.01) a refit is recommended"
+    )
+    drift_min_frames: int = Field(30, ge=1, description="fewer recent frames: no drift verdict")
+
+
 class LineSettings(InspectdSettings):
     """One host's part of a line: cameras, worker, sink and their outputs."""
 
@@ -243,6 +281,7 @@ class LineSettings(InspectdSettings):
     events: EventSettings = EventSettings()
     metrics: MetricsSettings = MetricsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
+    refit: RefitSettings = RefitSettings()
 
     @field_validator("cameras")
     @classmethod
