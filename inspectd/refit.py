@@ -271,18 +271,21 @@ def refit(
     with refit_lock(models_dir, sku):
         for stale in base.glob(".refit-*"):  # left by a refit that was killed
             shutil.rmtree(stale, ignore_errors=True)
+        try:
+            previous: tuple[str, Path] | None = current_version(models_dir, sku)
+        except ArtifactError:
+            previous = None
+        # A SKU without a model learns from the frames the line kept unjudged (ERROR: unknown
+        # SKU); with one, only from frames it judged OK (or an operator labelled OK).
         pool = queries.refit_candidates(url, sku, since=since,
                                         max_images=max_images or r.max_images,
-                                        near_threshold=r.near_threshold)
+                                        near_threshold=r.near_threshold,
+                                        unjudged=previous is None)
         if len(pool) < r.min_images:
             when = f" since {since.isoformat()}" if since else ""
             raise RefitError(
                 f"SKU {sku}: {len(pool)} usable OK frames{when} in {safe_url(url)}, refit needs "
                 f"at least {r.min_images} (refit.min_images)")
-        try:
-            previous: tuple[str, Path] | None = current_version(models_dir, sku)
-        except ArtifactError:
-            previous = None
         settings, source = model_settings_for(s, previous[1] if previous else None)
         fit_set, gate_set = split_pool(pool, r.holdout, r.min_holdout, settings.seed)
         ng = queries.confirmed_ng(url, sku)  # all of them, whatever --since: escapes stay out

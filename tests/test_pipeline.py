@@ -140,6 +140,8 @@ def test_every_frame_gets_exactly_one_verdict_even_when_broken(settings, synth_r
     assert wrong["verdict"] == "ERROR" and "corrupt frame" in wrong["reason"]
     assert by["corrupt"]["verdict"] == "ERROR"
     assert by["unknown sku"]["verdict"] == "ERROR" and "nosuch" in by["unknown sku"]["reason"]
+    # kept (bounded) for the SKU's first refit
+    assert "/images/unjudged/nosuch/" in by["unknown sku"]["image_path"]
     assert by["expired"]["verdict"] == "TIMEOUT"
     assert by["lost"]["verdict"] == "TIMEOUT"
     scored = [r for r in rows if ids[r["frame_id"]] in ("good", "defect")]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from inspectd.daemon.config import ImageSettings, LineSettings
-from inspectd.daemon.protocol import Verdict
+from inspectd.daemon.protocol import UNKNOWN_SKU, Verdict
 from inspectd.models import load
 from inspectd.models.registry import (
     current_version,
@@ -192,3 +192,27 @@ def test_gates_state_counts_and_name_frames():
     g = shift_gate([x + 0.3 for x in same], same, 0.1, "v1")
     assert not g.passed and "rose from 0.79 (v1) to 1.08 (limit +0.10)" in g.reason
     assert g.data["ks"] > 0.9
+
+
+def test_first_model_for_a_new_sku_learns_from_its_unjudged_frames(tmp_path, frames):
+    """Before a SKU has a model, the line audits its frames ERROR (unknown SKU) and keeps a
+    bounded sample of them; the first refit fits on those and makes the result current."""
+    model_yaml = tmp_path / "model.yaml"
+    model_yaml.write_text("kind: patchcore\npreprocess: {resize: 128}\n")
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(json.dumps({"data_dir": str(tmp_path / "data"), "worker": {
+        "precision": "fp32"}, "refit": {"min_images": 20, "min_holdout": 8, "holdout": 0.3,
+                                        "max_false_reject": 0.1, "model": str(model_yaml)}}))
+    s = settings(cfg)
+    audit = AuditLog(s.database_url(), s.spool_dir)
+    store = ImageStore(s.images_dir, ImageSettings())
+    for i, rgb in enumerate(frames.ok):
+        v = Verdict(f"new{i:03d}", "ERROR", camera="cam1", sku="NEW1", line="line1",
+                    capture_ts=time.time() - 100 + i,
+                    reason=f"{UNKNOWN_SKU}: no model for SKU 'NEW1'")
+        audit.record(v, {"image": store.save_unjudged(v, rgb)})
+    audit.close()
+    r = refit(s, "NEW1", version="v1")
+    assert r.passed and r.promoted and r.previous is None
+    assert r.fit_frames + r.heldout_frames == len(frames.ok)
+    assert current_version(s.models_dir, "NEW1")[0] == "v1"

@@ -29,6 +29,7 @@ FRAME, ANNOUNCE, VERDICT = b"frame", b"announce", b"verdict"
 VerdictKind = Literal["OK", "NG", "ERROR", "TIMEOUT"]
 VERDICTS: tuple[VerdictKind, ...] = ("OK", "NG", "ERROR", "TIMEOUT")
 PIXEL_FORMATS = ("mono8", "rgb8", "bgr8", "mono16")
+UNKNOWN_SKU = "unknown SKU"  # reason prefix of ERROR verdicts for SKUs without a model
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 

@@ -26,6 +26,7 @@ from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.plc import VerdictOutput, open_output
 from inspectd.daemon.protocol import (
     ANNOUNCE,
+    UNKNOWN_SKU,
     VERDICT,
     FrameHeader,
     ProtocolError,
@@ -187,6 +188,9 @@ class Sink:
                 heat = np.frombuffer(amap, np.float16).reshape(rgb.shape[:2]).astype(np.float32)
             if v.verdict == "OK":
                 path = self.images.save_ok(v, rgb)
+                return {"image": path} if path else None
+            if v.verdict == "ERROR" and (v.reason or "").startswith(UNKNOWN_SKU):
+                path = self.images.save_unjudged(v, rgb)
                 return {"image": path} if path else None
             if v.verdict == "ERROR":
                 return self.images.save_error(v, rgb)

@@ -23,6 +23,7 @@ import zmq
 from inspectd.daemon.config import LineSettings
 from inspectd.daemon.protocol import (
     FRAME,
+    UNKNOWN_SKU,
     VERDICT,
     FrameHeader,
     ProtocolError,
@@ -258,7 +259,7 @@ class Worker:
             version, det = self.models.get(sku)
         except InspectdError as e:
             for f, raw, _, dec in live:
-                self._send(Verdict.for_frame(f.header, "ERROR", f"unknown SKU: {e}",
+                self._send(Verdict.for_frame(f.header, "ERROR", f"{UNKNOWN_SKU}: {e}",
                                              timings_ms=self._timings(f, t_start, dec)),
                            raw)
             return

@@ -3,6 +3,8 @@
     <root>/ng/<sku>/<yyyy-mm-dd>/<frame_id>{.png,_mask.png,_overlay.jpg}
     <root>/error/<sku>/<yyyy-mm-dd>/<frame_id>.png
     <root>/ok/<sku>/<frame_id>.png            at most `ok_per_sku` per SKU, oldest dropped
+    <root>/unjudged/<sku>/<frame_id>.png      frames of a SKU with no model yet (same bound):
+                                              the pool a first refit for that SKU learns from
 
 Every file is written under a temporary name in its directory, fsync'ed and renamed, so a
 reader (or a crash) never sees half an image. The date is the capture day in UTC.
@@ -28,20 +30,22 @@ from inspectd.storage.files import fsync_dir, write_atomic
 log = structlog.get_logger("inspectd.images")
 
 PRUNE_EVERY_S = 3600.0
+SAMPLES = ("ok", "unjudged")  # bounded per SKU by ok_per_sku
 
 
 class ImageStore:
     def __init__(self, root: Path, settings: ImageSettings) -> None:
         self.root = Path(root)
         self.settings = settings
-        # Per SKU, OK image names oldest first: the bound is kept without listing directories.
-        self._ok: dict[str, OrderedDict[str, None]] = {}
-        ok_root = self.root / "ok"
-        if ok_root.is_dir():
-            for d in ok_root.iterdir():
-                if d.is_dir():
-                    files = sorted(d.glob("*.png"), key=lambda p: (p.stat().st_mtime, p.name))
-                    self._ok[d.name] = OrderedDict.fromkeys(p.name for p in files)
+        # Per (kind, SKU), sample names oldest first: the bound holds without listing dirs.
+        self._kept: dict[tuple[str, str], OrderedDict[str, None]] = {}
+        for kind in SAMPLES:
+            if (self.root / kind).is_dir():
+                for d in (self.root / kind).iterdir():
+                    if d.is_dir():
+                        files = sorted(d.glob("*.png"),
+                                       key=lambda p: (p.stat().st_mtime, p.name))
+                        self._kept[kind, d.name] = OrderedDict.fromkeys(p.name for p in files)
         self._next_prune = 0.0
 
     def save_ng(self, v: Verdict, rgb: np.ndarray,
@@ -60,16 +64,23 @@ class ImageStore:
 
     def save_ok(self, v: Verdict, rgb: np.ndarray) -> str | None:
         """Keep an OK frame for refit, dropping the SKU's oldest beyond `ok_per_sku`."""
+        return self._save_sample("ok", v, rgb)
+
+    def save_unjudged(self, v: Verdict, rgb: np.ndarray) -> str | None:
+        """Keep a frame of a SKU that has no model yet, for its first refit (same bound)."""
+        return self._save_sample("unjudged", v, rgb)
+
+    def _save_sample(self, kind: str, v: Verdict, rgb: np.ndarray) -> str | None:
         limit = self.settings.ok_per_sku
         if limit == 0:
             return None
         sku = valid_name(v.sku, "sku")
         name = valid_name(v.frame_id, "frame id") + ".png"
-        d = self.root / "ok" / sku
+        d = self.root / kind / sku
         d.mkdir(parents=True, exist_ok=True)
         write_atomic(d / name, _encode(".png", _bgr(rgb)))
         fsync_dir(d)
-        kept = self._ok.setdefault(sku, OrderedDict())
+        kept = self._kept.setdefault((kind, sku), OrderedDict())
         kept[name] = None
         kept.move_to_end(name)
         while len(kept) > limit:

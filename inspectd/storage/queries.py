@@ -28,6 +28,7 @@ import structlog
 from sqlalchemy import Engine, Row, Select, and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from inspectd.daemon.protocol import UNKNOWN_SKU
 from inspectd.storage.db import StorageError, existing_database, safe_url
 from inspectd.storage.schema import labels, verdicts
 
@@ -134,22 +135,25 @@ def set_label(url: str | Engine, frame_id: str, label: Label, note: str | None =
 
 
 def refit_candidates(url: str | Engine, sku: str, since: datetime | None = None,
-                     max_images: int | None = None,
-                     near_threshold: float = 0.8) -> list[AuditedFrame]:
+                     max_images: int | None = None, near_threshold: float = 0.8,
+                     unjudged: bool = False) -> list[AuditedFrame]:
     """Frames usable as OK training images for `sku`, newest first, at most `max_images`.
 
     Either the line passed it (verdict OK), no operator labelled it NG, and it scored below
     `near_threshold` × threshold (when both are known); or an operator labelled it OK (a
-    false reject), whatever its verdict and score. Only frames whose image file exists count;
-    the others are left out and their number logged.
+    false reject), whatever its verdict and score. With `unjudged` (a SKU's first model),
+    also frames the line could not judge for want of a model (ERROR, reason "unknown SKU…")
+    that no operator labelled NG. Only frames whose image file exists count; the others are
+    left out and their number logged.
     """
     v, lab = verdicts.c, labels.c
+    not_ng = or_(lab.label.is_(None), lab.label != "NG")
     clear_of_threshold = or_(v.score.is_(None), v.threshold.is_(None),
                              v.score < v.threshold * near_threshold)
-    passed = and_(v.verdict == "OK", or_(lab.label.is_(None), lab.label != "NG"),
-                  clear_of_threshold)
-    q = frames_query().where(v.sku == sku, v.image_path.is_not(None),
-                             or_(passed, lab.label == "OK"))
+    usable = [and_(v.verdict == "OK", not_ng, clear_of_threshold), lab.label == "OK"]
+    if unjudged:
+        usable.append(and_(v.verdict == "ERROR", v.reason.like(f"{UNKNOWN_SKU}%"), not_ng))
+    q = frames_query().where(v.sku == sku, v.image_path.is_not(None), or_(*usable))
     if since is not None:
         q = q.where(v.capture_time >= since)
     return _with_image(url, q.order_by(*NEWEST), max_images, "refit candidates", sku)
