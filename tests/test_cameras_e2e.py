@@ -17,8 +17,8 @@ import yaml
 
 from inspectd.daemon.protocol import VERDICTS
 from inspectd.models.registry import publish
+from tests.helpers import audit_rows, wait_rows
 from tests.test_daemon import Daemon
-from tests.test_pipeline import audit_rows, wait_rows
 
 FRAMES = 5  # a handful per camera
 

@@ -23,8 +23,8 @@ import yaml
 from inspectd.daemon.events import subscribe
 from inspectd.daemon.plc import VERDICT_CODES
 from inspectd.models.registry import publish
-from tests.test_pipeline import audit_rows, wait_rows
-from tests.test_plc import WRITE_COIL, WRITE_REGISTER, PlcPeer, _free_port, _until
+from tests.helpers import audit_rows, free_port, until, wait_rows
+from tests.test_plc import WRITE_COIL, WRITE_REGISTER, PlcPeer
 
 
 class Daemon:
@@ -147,7 +147,7 @@ class Notifications:
 
 
 def test_line_judges_every_frame_once_and_reports_it(line, synth_root, tmp_path):
-    plc = PlcPeer(_free_port())
+    plc = PlcPeer(free_port())
     plc.start()
     cfg = yaml.safe_load(line["config"].read_text())
     cfg["plc"] = {"type": "modbus", "modbus": {
@@ -157,8 +157,8 @@ def test_line_judges_every_frame_once_and_reports_it(line, synth_root, tmp_path)
     d = Daemon(line["config"], tmp_path, tmp_path / "notify.sock")
     try:
         d.wait_log(lambda e: e.get("event") == "line up")
-        _until(lambda: notes.seen("READY=1"), "READY=1")
-        _until(lambda: notes.seen("WATCHDOG=1"), "WATCHDOG=1")
+        until(lambda: notes.seen("READY=1"), "READY=1")
+        until(lambda: notes.seen("WATCHDOG=1"), "WATCHDOG=1")
         events = Collector(f"ipc://{line['run_dir']}/events.sock")
         time.sleep(0.5)  # let the subscription reach the publisher
         test = synth_root / "object" / "test"
@@ -179,7 +179,7 @@ def test_line_judges_every_frame_once_and_reports_it(line, synth_root, tmp_path)
             time.sleep(0.1)
         events.stop.set()
         assert d.stop() == 0
-        _until(lambda: notes.seen("STOPPING=1"), "STOPPING=1")
+        until(lambda: notes.seen("STOPPING=1"), "STOPPING=1")
     finally:
         d.stop()
         notes.close()

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -20,23 +20,10 @@ import zmq
 from inspectd.daemon.config import MqttSettings
 from inspectd.daemon.events import EventPublisher, subscribe
 from inspectd.daemon.protocol import Verdict
+from tests.helpers import free_port, until
 
 MOSQUITTO = ("127.0.0.1", 1883)
 NO_MQTT = MqttSettings()
-
-
-def _until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _v(fid: str, kind: str, sku: str = "A", **kw: object) -> Verdict:
@@ -98,7 +85,7 @@ def test_subscribe_filters_by_sku_and_rejects(publisher):
                 _v("b-ok", "OK", sku="B"), _v("a-error", "ERROR"), _v("end", "NG")]
         for v in sent:
             pub.publish(v, {"image": f"/img/{v.frame_id}.png"} if v.verdict == "NG" else None)
-        _until(lambda: all(c.ids()[-1:] == ["end"] for c in collectors), "the end marker")
+        until(lambda: all(c.ids()[-1:] == ["end"] for c in collectors), "the end marker")
     finally:
         for c in collectors:
             c.close()
@@ -141,7 +128,7 @@ def _follow(proc: subprocess.Popen, pub: EventPublisher, real: list[Verdict]) ->
 
 
 def test_events_cli_prints_json_lines_and_exits_after_count(tmp_path):
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     pub = EventPublisher(endpoint, "line1", NO_MQTT)
     try:
         proc = _cli("--endpoint", endpoint, "--sku", "A", "--json", "--count", "5")
@@ -226,7 +213,7 @@ def test_mqtt_publishes_per_line_sku_and_verdict(tmp_path, mosquitto):
 
 def test_unreachable_mqtt_broker_does_not_block_the_sink(tmp_path):
     pub = EventPublisher(f"ipc://{tmp_path}/e.sock", "line1",
-                         MqttSettings(enabled=True, port=_free_port(), qos=1))
+                         MqttSettings(enabled=True, port=free_port(), qos=1))
     try:
         for i in range(5):
             pub.publish(_v(f"f{i}", "NG"))  # queued by paho until the broker returns

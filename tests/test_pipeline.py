@@ -14,7 +14,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import sqlalchemy as sa
 import zmq
 
 from inspectd.daemon.config import LineSettings
@@ -23,29 +22,7 @@ from inspectd.daemon.sink import Sink
 from inspectd.daemon.transport import socket
 from inspectd.daemon.worker import Worker
 from inspectd.models.registry import publish
-
-
-def audit_rows(url: str) -> list[dict]:
-    eng = sa.create_engine(url)
-    try:
-        with eng.connect() as c:
-            return [dict(r._mapping) for r in c.execute(sa.text("SELECT * FROM verdicts"))]
-    finally:
-        eng.dispose()
-
-
-def wait_rows(url: str, n: int, timeout: float = 60.0) -> list[dict]:
-    end = time.monotonic() + timeout
-    rows: list[dict] = []
-    while time.monotonic() < end:
-        try:
-            rows = audit_rows(url)
-        except sa.exc.OperationalError:  # table not created yet
-            rows = []
-        if len(rows) >= n:
-            return rows
-        time.sleep(0.1)
-    raise AssertionError(f"{len(rows)} audit rows after {timeout} s, expected {n}")
+from tests.helpers import audit_rows, wait_rows
 
 
 class Line:

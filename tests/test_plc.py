@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,22 +16,9 @@ from inspectd.daemon import plc
 from inspectd.daemon.config import ModbusSettings, PlcSettings
 from inspectd.daemon.plc import ModbusOutput, NullOutput, open_output
 from inspectd.daemon.protocol import Verdict
+from tests.helpers import free_port, until
 
 WRITE_COIL, WRITE_REGISTER = 5, 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class PlcPeer:
@@ -88,7 +74,7 @@ class PlcPeer:
 
 @pytest.fixture
 def peer() -> Iterator[PlcPeer]:
-    p = PlcPeer(_free_port())
+    p = PlcPeer(free_port())
     p.start()
     yield p
     p.stop()
@@ -119,7 +105,7 @@ def test_verdicts_write_part_ids_slot_codes_and_pulse_the_reject_coil(peer, outp
                 ("70003", "NG")]
     for part, kind in sequence:
         out.send(_verdict(part, kind))
-    _until(lambda: (WRITE_COIL, 3, 0) in [w[:3] for w in peer.writes], "the coil reset")
+    until(lambda: (WRITE_COIL, 3, 0) in [w[:3] for w in peer.writes], "the coil reset")
 
     reg = lambda a, v: (WRITE_REGISTER, a, v)  # noqa: E731
     coil_on = (WRITE_COIL, 3, 1)
@@ -157,28 +143,28 @@ def test_plc_outage_turns_unhealthy_without_blocking_and_writes_resume(
 ):
     monkeypatch.setattr(plc, "BACKOFF_MAX_S", 0.2)
     out = output_for(verdict_register=0)
-    _until(lambda: out.healthy, "the first connection")
+    until(lambda: out.healthy, "the first connection")
 
     peer.stop()
     out.send(_verdict("1", "NG"))
-    _until(lambda: not out.healthy, "healthy to turn False")
+    until(lambda: not out.healthy, "healthy to turn False")
     for i in range(2 * plc.QUEUE_SIZE):  # never blocks: a full queue counts drops
         out.send(_verdict(str(i), "NG"))
     assert out.dropped >= plc.QUEUE_SIZE
 
     peer.writes.clear()
     peer.start()
-    _until(lambda: out.healthy, "the reconnect")
+    until(lambda: out.healthy, "the reconnect")
     out.send(_verdict("5", "TIMEOUT"))
-    _until(lambda: (WRITE_REGISTER, 0, 4) in [w[:3] for w in peer.writes], "a write after restart")
+    until(lambda: (WRITE_REGISTER, 0, 4) in [w[:3] for w in peer.writes], "a write after restart")
     assert peer.registers(0, 1) == [4]
 
 
 def test_unreachable_plc_at_start_is_unhealthy_and_drops_verdicts():
-    out = ModbusOutput(ModbusSettings(port=_free_port(), timeout_s=0.2, verdict_register=0))
+    out = ModbusOutput(ModbusSettings(port=free_port(), timeout_s=0.2, verdict_register=0))
     try:
         out.send(_verdict("1", "NG"))
-        _until(lambda: out.dropped == 1, "the verdict to be dropped")
+        until(lambda: out.dropped == 1, "the verdict to be dropped")
         assert not out.healthy
     finally:
         out.close()
