@@ -546,7 +546,8 @@ def refit_cmd(
     since_t = _since(since)
     from inspectd.refit import limit_resources
 
-    resources = limit_resources(s.refit.threads, s.refit.nice)  # before torch is imported
+    # before torch is imported
+    resources = limit_resources(s.refit.threads, s.refit.nice, s.refit.idle)
     from inspectd.refit import refit
 
     with progress_bars(not as_json) as bar:
@@ -558,7 +559,8 @@ def refit_cmd(
         out.print(f"{sku}: candidate fitted on {r.fit_frames} OK frames ({r.heldout_frames} "
                   f"held out for the gates, {r.ng_frames} confirmed NG; settings from "
                   f"{r.settings_source}), threshold {r.threshold:.4f}, {r.seconds:.1f} s "
-                  f"(threads {resources['threads']}, nice {resources['nice']})",
+                  f"(threads {resources['threads']}, nice {resources['nice']}, "
+                  f"{resources['policy']} scheduling)",
                   highlight=False)
         out.print(_gate_table(r.as_dict()["gates"]))
         if r.promoted:

@@ -252,6 +252,10 @@ class RefitSettings(Section):
     )
     threads: int = Field(1, ge=1, description="torch/OpenMP/faiss threads of a refit")
     nice: int = Field(10, ge=0, le=19, description="a refit lowers its CPU priority by this")
+    idle: bool = Field(
+        True, description="run a refit under SCHED_IDLE (Linux): only on CPU time the line "
+        "leaves over, so it never delays a frame; a line kept saturated stalls the refit"
+    )
     drift_ks: float = Field(
         0.3, gt=0.0, le=1.0, description="drift: KS statistic of recent vs calibration scores "
         "past which (scores moved up, p < 0.01) a refit is recommended"
