@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--out BENCHMARKS.md] [--quick] [--only SECTION]
 
-Sections (`--only coreset|models|elpv|daemon` runs one; the Markdown then holds only that one):
+Sections (`--only coreset|models|elpv|daemon|refit` runs one; the Markdown then holds only that
+one):
   coreset  `benchmarks/bench_coreset.py --json` at 200k and 1M rows (384-d features projected to
            128-d), run as subprocesses: approximate vs exact greedy selections/s, covering radii
            (approximate, exact, random sampling), peak RSS.
@@ -16,6 +17,9 @@ Sections (`--only coreset|models|elpv|daemon` runs one; the Markdown then holds 
   daemon   `benchmarks/bench_daemon.py --json` as a subprocess: the bare model's images/s, then
            `inspectd run` (looping video camera, Modbus PLC) offered 3×, 0.5× and 2× that rate:
            judged frames/s, capture → PLC latency, every part audited, RSS of the process tree.
+  refit    `benchmarks/bench_refit.py --json` as a subprocess: `inspectd refit` of 500 accumulated
+           OK frames end to end at refit.threads 1 and 2, then the running line (0.5× and 3× the
+           bare rate) with and without a dry-run refit in the middle: judged frames/s, latency.
 `--quick` runs tiny sizes (a smoke check). Without `--out` the Markdown goes to stdout; raw
 results always go to outputs/bench/results.json (quick: outputs/bench-quick/).
 """
@@ -50,6 +54,7 @@ METRICS = ("image_auroc", "pixel_auroc", "pro", "f1_max", "ms_per_image")
 FIT_TARGET_S, BATCH8_TARGET_MS = 60.0, 60.0
 SEL_TARGET, RADIUS_TARGET, TARGET_ROWS = 1000.0, 1.5, 200_000  # coreset
 DAEMON_RATIO_TARGET = 0.9  # judged frames/s at saturation ÷ bare model images/s
+REFIT_TARGET_S = 120.0  # refit of 500 accumulated 256×256 frames, end to end
 QUIET_CORES, DISTURBED_CORES = 0.1, 0.2  # other processes' mean CPU use: wait / measure again
 
 
@@ -295,6 +300,13 @@ def run_daemon(plan: Plan, quick: bool) -> dict[str, Any]:
     log("daemon: bare model, then inspectd run at three loads")
     return subprocess_json(["benchmarks/bench_daemon.py"] + (["--quick"] if quick else []),
                            plan.out / "raw" / "daemon.json")
+
+
+def run_refit(plan: Plan, quick: bool) -> dict[str, Any]:
+    log("refit: refits of the accumulated frames, then inspectd run with and without one")
+    # Once only: the section takes about 25 minutes, and it reports the load it ran beside.
+    return subprocess_json(["benchmarks/bench_refit.py"] + (["--quick"] if quick else []),
+                           plan.out / "raw" / "refit.json", attempts=1)
 
 
 def run_workers(section: str, plan: Plan, quick: bool) -> dict[str, Any]:
@@ -602,6 +614,122 @@ def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
     ])
 
 
+LOAD_LABELS = {"half": "50% (0.5×)", "half-nice": "50% (0.5×)",
+               "saturation-nice": "saturation (3×)"}
+
+
+def refit_md(res: dict[str, Any], notes: list[str]) -> str:
+    p, line, bare = res["plan"], res["line"], res["bare"]
+    alone: dict[str, float] = {}
+    refit_rows = []
+    for series in res["refit"].values():
+        runs = series["runs"]
+
+        def stage(key: str, runs: list[dict[str, Any]] = runs) -> float | None:
+            v = [r["stages_s"].get(key) for r in runs]
+            return None if None in v else float(np.median(v))
+
+        first = runs[0]["result"] or {}
+        rsc = first["resources"]
+        threads = rsc["threads"]
+        wall = series["wall_s"]
+        alone[str(threads)] = wall["median"]
+        fit_s, cal, core = stage("fit_seconds"), stage("calibration"), stage("coreset")
+        gates = ("✓ promoted" if first.get("promoted") else "✗ " + str(first.get("reason")))
+        refit_rows.append([
+            f"{threads} (nice {rsc['nice']}, {rsc['policy']})"
+            + (" default" if series["threads"] is None else ""),
+            span(wall), check(wall["median"] <= REFIT_TARGET_S), num(stage("start"), ".1f"),
+            num(stage("fit"), ".1f"),
+            " / ".join(num(v, ".1f") for v in (fit_s - core if None not in (fit_s, core)
+                                               else None, core, cal)),
+            num(stage("gates"), ".1f"), num(stage("exit"), ".1f"),
+            num(float(np.median([r["cpu_s"] for r in runs])), ".0f"),
+            f"{max(r['peak_rss_mib'] for r in runs):,.0f}",
+            f"{first.get('pool')} → {first.get('fit_frames')} / {first.get('heldout_frames')}",
+            gates,
+        ])
+    notes.append(
+        f"Refit of {p['max_images']} accumulated 256×256 OK frames, end to end: " + ", ".join(
+            f"{s:.0f} s at refit.threads {t}" for t, s in alone.items())
+        + f" (target ≤ {REFIT_TARGET_S:.0f} s {check(min(alone.values()) <= REFIT_TARGET_S)}"
+        + ("" if alone.get("1", REFIT_TARGET_S) <= REFIT_TARGET_S else
+           "; the default, 1 thread, misses it") + ").")
+    load_rows = []
+    for name, r in res["loads"].items():
+        w, n = r["refit"]["windows"], r["none"]["windows"]["during"]
+        d, rf = w["during"], r["refit"]["refit"]
+        ratio = d["judged_fps"] / n["judged_fps"] if n["judged_fps"] else float("nan")
+        lat = [(x["latency_ms"] or {}) for x in (n, d)]
+        timeouts = [sum(x["timeouts"].values()) for x in (n, d)]
+        policy = "SCHED_IDLE" if r["idle"] else "nice only"
+        load_rows.append([
+            LOAD_LABELS.get(name, name), policy, f"{r['refit']['offered_fps']:.1f} / "
+            f"{d['captured_fps']:.1f}", f"{rf['wall_s']:.0f} ({rf['cpu_s']:.0f})",
+            f"{n['judged_fps']:.1f} → {d['judged_fps']:.1f}", f"{ratio:.2f}",
+            " → ".join(num(x.get("median"), ",.0f") for x in lat),
+            " → ".join(num(x.get("p99"), ",.0f") for x in lat),
+            " → ".join(f"{t:,}" for t in timeouts),
+            ", ".join(f"{c} {k:,}" for c, k in sorted(d["timeouts"].items())) or "–",
+            f"{w['before']['judged_fps']:.1f} / {w['after']['judged_fps']:.1f}",
+        ])
+        notes.append(
+            f"Line at {LOAD_LABELS.get(name, name)} load during a refit ({policy}): "
+            f"{d['judged_fps']:.1f} "
+            f"judged frames/s vs {n['judged_fps']:.1f} without = {ratio:.2f}×; capture → "
+            f"verdict median {num(lat[0].get('median'), ',.0f')} → "
+            f"{num(lat[1].get('median'), ',.0f')} ms, p99 {num(lat[0].get('p99'), ',.0f')} → "
+            f"{num(lat[1].get('p99'), ',.0f')} ms; TIMEOUT rejects {timeouts[0]:,} → "
+            f"{timeouts[1]:,}; the dry-run refit took {rf['wall_s']:.0f} s under load "
+            f"(vs {alone.get('1', float('nan')):.0f} s alone).")
+    return "\n".join([
+        "## Model lifecycle: refit beside the running line",
+        "",
+        f"`benchmarks/bench_refit.py --json F` (run {res['date']}: `{res['command']}`). The "
+        "synthetic `object` set at 256×256, every frame through an MJPG video as the daemon's "
+        f"camera delivers it. The line's current version v1: PatchCore, default settings, "
+        f"fitted on {p['n_current']} OK frames ({'bf16' if line['bf16'] else 'fp32'} as the "
+        f"worker loads it). {p['n_accumulated']} later OK frames were judged by v1 "
+        f"(score ÷ threshold median {line['ok_ratio']['median']:.2f}, p95 "
+        f"{line['ok_ratio']['p95']:.2f}; {line['accumulated_ng']} over the "
+        "threshold, judged NG) and kept as the sink keeps them (`ImageStore.save_ok`, one "
+        f"audit row each with v1's score), with {p['n_ng']} defect frames labelled NG by an "
+        f"operator; {line['usable']} frames scored below {line['near_threshold']} × threshold "
+        "and are usable. Each refit is `inspectd refit --sku object -c LINE --max-images "
+        f"{p['max_images']} --json` on a fresh copy of the line's models and audit log, timed "
+        "from spawn to exit (interpreter and torch start-up, pool query, fit, calibration, save, "
+        "reload, both versions scoring the held-out frames, publish, promote); median "
+        f"(min–max) of {p['refit_repeats']} runs. Stages from the refit's log timestamps and "
+        "the new version's manifest: start-up = spawn → pool chosen, fit = features + coreset "
+        "+ calibration (with the bf16 check), gates = save → promoted, CPU = user + system "
+        f"s. Target ≤ {REFIT_TARGET_S:.0f} s.",
+        "",
+        table(["refit.threads", "wall s", f"≤ {REFIT_TARGET_S:.0f} s", "start-up s", "fit s",
+               "features / coreset / calibration s", "gates + publish s", "exit s", "CPU s",
+               "peak RSS MiB", "pool → fit / held out", "gates"], refit_rows),
+        "",
+        "The running line during a refit: per load a fresh `inspectd run` on a copy of that "
+        f"line (opencv camera looping over the {line['video_frames']} test frames, good and "
+        "defect interleaved, at "
+        f"a multiple of the bare model's {bare['images_per_s']['median']:.1f} images/s; "
+        f"deadline 2000 ms, worker max_batch 8, max_wait 10 ms, no PLC, metrics off); "
+        f"{p['warmup_s'] + p['before_s']:.0f} s after READY, `inspectd refit --dry-run` with "
+        "the line's own config (default refit settings: SCHED_IDLE; nice only = `-o "
+        "refit.idle=false`) runs to its end, the line "
+        f"{p['after_s']:.0f} s more. A second fresh run at the same load, as long, runs no "
+        "refit; its figures (left of →) cover the same interval after READY as the refit "
+        "(right of →). Judged = OK + NG verdicts per second by decision time; latency = "
+        "capture → the worker's decision (audit rows) of the frames captured in the interval; "
+        "the refit's wall s (CPU s) under load; TIMEOUT causes as in the daemon section.",
+        "",
+        table(["load", "refit scheduling", "max_fps / captured frames/s",
+               "refit s under load (CPU s)",
+               "judged frames/s without → during", "during / without",
+               "latency ms median", "p99", "TIMEOUT", "TIMEOUT causes during",
+               "judged frames/s before / after the refit"], load_rows),
+    ])
+
+
 def cross_notes(results: dict[str, Any]) -> list[str]:
     """Observations across the model sections: bf16 speed, accuracy and verdicts; bank cost."""
     fits = [(f"{kind}/{cat}", r[cat]) for s in ("models", "elpv")
@@ -668,10 +796,12 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
         parts += ["", elpv_md(results["elpv"], results["elpv_counts"])]
     if "daemon" in results:
         parts += ["", daemon_md(results["daemon"], notes)]
+    if "refit" in results:
+        parts += ["", refit_md(results["refit"], notes)]
     notes += cross_notes(results)
     others = {"coreset": [r for runs in results.get("coreset", {}).values() for r in runs],
               **{s: list(results.get(s, {}).values()) for s in ("models", "elpv")},
-              "daemon": [results["daemon"]] if "daemon" in results else []}
+              **{s: [results[s]] if s in results else [] for s in ("daemon", "refit")}}
     worst = ", ".join(f"{s} {max(r['other_cores'] for r in runs):.2f} cores"
                       for s, runs in others.items() if runs)
     notes.append(f"Other processes' mean CPU use while a measuring process ran, at most: {worst}"
@@ -680,11 +810,12 @@ def markdown(results: dict[str, Any], plan: Plan) -> str:
                  "less disturbed one kept.")
     parts += [
         "", "## How to reproduce", "",
-        "`make bench` (= `.venv/bin/python benchmarks/run.py --out BENCHMARKS.md`; about 25 "
+        "`make bench` (= `.venv/bin/python benchmarks/run.py --out BENCHMARKS.md`; about 50 "
         "minutes on an idle machine of this size). `--quick` is a smoke run at tiny sizes; "
-        "`--only coreset|models|elpv|daemon` runs one section (the daemon section alone: "
-        "`.venv/bin/python benchmarks/run.py --only daemon`, about 5 minutes; or "
-        "`benchmarks/bench_daemon.py [--quick] --json F` for its raw results only). Raw "
+        "`--only coreset|models|elpv|daemon|refit` runs one section (the daemon section "
+        "alone: `.venv/bin/python benchmarks/run.py --only daemon`, about 5 minutes; or "
+        "`benchmarks/bench_daemon.py [--quick] --json F` for its raw results only; likewise "
+        "`--only refit`, about 25 minutes, or `benchmarks/bench_refit.py`). Raw "
         "results: `outputs/bench/results.json`; data under `data/`, artifacts under "
         "`outputs/bench/`.",
         "", "## Notes", "",
@@ -699,7 +830,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="write the Markdown here (default: stdout)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, a smoke check")
-    ap.add_argument("--only", choices=("coreset", "models", "elpv", "daemon"))
+    ap.add_argument("--only", choices=("coreset", "models", "elpv", "daemon", "refit"))
     ap.add_argument("--worker", choices=("models", "elpv"), help=argparse.SUPPRESS)
     ap.add_argument("--kind", choices=KINDS, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -715,7 +846,7 @@ def main() -> None:
     exe = Path(sys.executable)
     exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
     results: dict[str, Any] = {"machine": machine(shlex.join([str(exe), *sys.argv]))}
-    sections = [a.only] if a.only else ["coreset", "models", "elpv", "daemon"]
+    sections = [a.only] if a.only else ["coreset", "models", "elpv", "daemon", "refit"]
     if "coreset" in sections:
         results["coreset"] = run_coreset(plan)
     if "models" in sections:
@@ -726,6 +857,8 @@ def main() -> None:
         results["elpv"] = run_workers("elpv", plan, a.quick)
     if "daemon" in sections:
         results["daemon"] = run_daemon(plan, a.quick)
+    if "refit" in sections:
+        results["refit"] = run_refit(plan, a.quick)
     results["machine"]["load_end"] = os.getloadavg()[0]
     results["seconds"] = time.perf_counter() - t0
     plan.out.mkdir(parents=True, exist_ok=True)
