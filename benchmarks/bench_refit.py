@@ -13,7 +13,7 @@ judged too and labelled NG by an operator (the confirmed-NG gate).
   * refit: `inspectd refit --sku object -c LINE --max-images N --json` as a subprocess, wall
     clock from spawn to exit (start-up, pool query, fit, calibration, save, gates, publish,
     promote), on a fresh copy of the line's models and audit log per run; default refit
-    settings (threads 1, nice 10, SCHED_IDLE) and `-o refit.threads=2`. Stages from the
+    settings (SCHED_IDLE, every core, nice 10) and `-o refit.threads=1`. Stages from the
     refit's own log timestamps and the published manifest; CPU time and peak RSS from wait4.
   * line: the bare model's images/s (as bench_daemon measures it), then per case (load and
     refit scheduling) a fresh `inspectd run` (opencv camera looping over the test video at a
@@ -96,13 +96,13 @@ class Plan:
 
 
 FULL = Plan(n_current=200, n_accumulated=1200, max_images=500, n_ng=10, n_test_good=20,
-            n_test_defect=20, refit_repeats=3, threads=(None, 2),
+            n_test_defect=20, refit_repeats=3, threads=(None, 1),
             loads=(("half", 0.5, True), ("half-nice", 0.5, False),
                    ("saturation-nice", 3.0, False)), bare_repeats=5, warmup_s=10.0,
             before_s=30.0, after_s=20.0, refit_timeout_s=600.0,
             data=ROOT / "data/bench-refit", work=ROOT / "outputs/bench/refit")
 QUICK = Plan(n_current=40, n_accumulated=80, max_images=30, n_ng=3, n_test_good=4,
-             n_test_defect=6, refit_repeats=1, threads=(None, 2), loads=(("half", 0.5, True),),
+             n_test_defect=6, refit_repeats=1, threads=(None, 1), loads=(("half", 0.5, True),),
              bare_repeats=2, warmup_s=4.0, before_s=6.0, after_s=4.0, refit_timeout_s=300.0,
              data=ROOT / "data/bench-refit-quick", work=ROOT / "outputs/bench-quick/refit")
 

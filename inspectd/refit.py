@@ -100,7 +100,7 @@ class RefitResult:
 
 
 # -- resources and the lock -----------------------------------------------------------------
-def limit_resources(threads: int, nice: int, idle: bool) -> dict[str, Any]:
+def limit_resources(threads: int | None, nice: int, idle: bool) -> dict[str, Any]:
     """Lower this process's CPU priority and bound its threads, so a refit beside the live
     daemon does not starve it; returns what holds now ({threads, nice, policy}). Call before
     torch is imported (OpenMP reads its thread count from the environment once, and its
@@ -109,14 +109,16 @@ def limit_resources(threads: int, nice: int, idle: bool) -> dict[str, Any]:
     `idle` puts the process under SCHED_IDLE where the kernel has it (Linux): it runs only on
     CPU time the line leaves over. Under nice alone it still gets a weighted share of a busy
     core (110 against the worker's 1024 at nice 10) and its wake-ups delay the worker's
-    batches (BENCHMARKS.md: the line's p99 latency 147 → 1,928 ms during a refit at nice 10)."""
-    from inspectd.daemon.roles import set_threads
+    batches (BENCHMARKS.md: the line's p99 latency 147 → 1,928 ms during a refit at nice 10).
+    So `threads` None means every core under SCHED_IDLE, one core otherwise."""
+    from inspectd.daemon.roles import host_cores, set_threads
 
     niceness = os.nice(nice)
     policy = "normal"
     if idle and hasattr(os, "SCHED_IDLE"):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         policy = "idle"
+    threads = threads or (host_cores() if policy == "idle" else 1)
     set_threads(threads)
     import faiss
     import torch

@@ -14,6 +14,7 @@ import pytest
 
 from inspectd.daemon.config import ImageSettings, LineSettings
 from inspectd.daemon.protocol import UNKNOWN_SKU, Verdict
+from inspectd.daemon.roles import host_cores
 from inspectd.models import load
 from inspectd.models.registry import (
     current_version,
@@ -111,8 +112,10 @@ def test_refit_promotes_a_loadable_version_fitted_on_line_ok_frames(
     assert r["pool"] == usable and r["fit_frames"] + r["heldout_frames"] == usable
     assert r["ng_frames"] == len(frames.ng)
     assert r["settings_source"] == "current version v1"
-    assert r["resources"] == {"threads": 1, "nice": r["resources"]["nice"], "policy": "idle"}
-    assert r["resources"]["nice"] >= 10  # beside the line: bounded threads, lowest priority
+    # beside the line: the lowest priority, on every core (it only takes what the line leaves)
+    assert r["resources"] == {"threads": host_cores(), "nice": r["resources"]["nice"],
+                              "policy": "idle"}
+    assert r["resources"]["nice"] >= 10
     assert [(g["name"], g["passed"]) for g in r["gates"]] == [
         ("false rejects", True), ("confirmed NG", True), ("score shift", True)]
 

@@ -250,7 +250,10 @@ class RefitSettings(Section):
         None, description="model settings YAML for a SKU without a current version "
         "(else the current version's own settings are reused); null = defaults"
     )
-    threads: int = Field(1, ge=1, description="torch/OpenMP/faiss threads of a refit")
+    threads: int | None = Field(
+        None, ge=1, description="torch/OpenMP/faiss threads of a refit; null = every core "
+        "under refit.idle (it only takes what the line leaves), else 1"
+    )
     nice: int = Field(10, ge=0, le=19, description="a refit lowers its CPU priority by this")
     idle: bool = Field(
         True, description="run a refit under SCHED_IDLE (Linux): only on CPU time the line "
