@@ -242,3 +242,42 @@ def test_stalled_and_killed_workers_cost_timeouts_not_frames(line, synth_root, t
         d.stop()
     rows = audit_rows(line["url"])
     assert len(rows) == sent and len({r["frame_id"] for r in rows}) == sent
+
+
+def test_a_killed_sink_costs_no_frame(line, synth_root, tmp_path):
+    """Frames announced to a sink that is then killed, held by a hung worker that never
+    answers: the restarted sink finds them in the journal and audits them TIMEOUT."""
+    good = sorted((synth_root / "object" / "test" / "good").glob("*.png"))[0]
+    journal = line["data"] / "journal"
+    d = Daemon(line["config"], tmp_path)
+    try:
+        d.wait_log(lambda e: e.get("event") == "line up")
+        (worker,) = d.pids("worker:0")
+        (sink,) = d.pids("sink")
+        os.kill(worker, signal.SIGSTOP)
+        for i in range(3):
+            drop(line["inbox"], f"obj_{i:04d}.png", good)
+        until(lambda: sum(p.read_bytes().count(b'{"announce"') for p in journal.glob("*.jsonl"))
+              >= 3, "3 frames announced to the sink", timeout=60)
+        os.kill(sink, signal.SIGKILL)
+        replay = d.wait_log(lambda e: e.get("event") == "sink journal replayed")
+        assert replay["pending"] + replay["expired"] == 3
+        rows = wait_rows(line["url"], 3)
+        assert [r["verdict"] for r in rows] == ["TIMEOUT"] * 3
+        # The line goes on: the hung worker is replaced, later frames are judged.
+        sent, judged = 3, False
+        end = time.monotonic() + 120
+        while not judged and time.monotonic() < end:
+            drop(line["inbox"], f"obj_{sent:04d}.png", good)
+            sent += 1
+            rows = wait_rows(line["url"], sent)
+            judged = rows and any(r["verdict"] in ("OK", "NG") for r in rows)
+            time.sleep(0.5)
+        assert judged
+        assert d.stop() == 0
+    finally:
+        d.stop()
+    rows = audit_rows(line["url"])
+    assert len(rows) == sent and len({r["frame_id"] for r in rows}) == sent
+    assert not any(journal.glob("*.jsonl"))
+

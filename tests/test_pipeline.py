@@ -4,7 +4,10 @@ good or broken, ends as exactly one audited verdict."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -22,7 +25,7 @@ from inspectd.daemon.sink import Sink
 from inspectd.daemon.transport import socket
 from inspectd.daemon.worker import Worker
 from inspectd.models.registry import publish
-from tests.helpers import audit_rows, wait_rows
+from tests.helpers import audit_rows, until, wait_rows
 
 
 class Line:
@@ -160,6 +163,67 @@ def test_stop_audits_frames_still_in_flight_as_timeout(settings):
     rows = audit_rows(settings.database_url())
     assert [(r["frame_id"], r["verdict"]) for r in rows] == [(h.frame_id, "TIMEOUT")]
     assert "stopped" in rows[0]["reason"]
+
+
+def _run_sink(settings: LineSettings) -> None:
+    Sink(settings).run(threading.Event())
+
+
+def test_a_killed_sink_leaves_no_frame_unaudited(settings):
+    """SIGKILL a sink holding frames announced but not judged and verdicts not yet committed
+    (commits held back): the sink that replaces it audits every one of them exactly once."""
+    db = settings.sink.database.model_copy(update={"commit_interval_ms": 600_000,
+                                                   "commit_rows": 10_000})
+    held = settings.model_copy(update={"sink": settings.sink.model_copy(update={"database": db})})
+    first = mp.get_context("spawn").Process(target=_run_sink, args=(held,))
+    first.start()
+    ctx = zmq.Context()
+    to_sink = socket(ctx, zmq.PUSH, settings.sink_address(), bind=False, hwm=100,
+                     send_timeout_ms=30_000)
+    line = None
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        until(settings.journal_dir.is_dir, "the first sink up", timeout=60)
+        now = time.time()
+        # The last frame's deadline passes while no sink runs.
+        hs = [FrameHeader(new_frame_id(), "cam1", "obj", now, now + d, img.shape, "uint8",
+                          "rgb8", line=settings.line) for d in (60, 60, 60, 3)]
+        for h in hs:
+            to_sink.send_multipart([ANNOUNCE, h.encode()])
+        ok = Verdict.for_frame(hs[0], "OK", score=0.1, threshold=1.0, model_version="v1")
+        ng = Verdict.for_frame(hs[1], "NG", score=2.0, threshold=1.0, model_version="v1")
+        to_sink.send_multipart([VERDICT, ok.encode()])
+        to_sink.send_multipart([VERDICT, ng.encode(), img.tobytes()])
+
+        def journal_lines() -> int:
+            return sum(len(p.read_bytes().splitlines())
+                       for p in settings.journal_dir.glob("*.jsonl"))
+
+        until(lambda: journal_lines() >= 7, "4 announcements, 2 verdicts, 1 image in the journal")
+        os.kill(first.pid, signal.SIGKILL)
+        first.join(10)
+        assert audit_rows(settings.database_url()) == []  # nothing had been committed
+        time.sleep(max(0.0, hs[3].deadline_ts + 0.2 - time.time()))  # the last one's is past
+
+        line = Line(settings, worker=False)
+        assert line.sink.counts.frames == 1  # the expired one, judged at start
+        late = Verdict.for_frame(hs[2], "NG", score=3.0, threshold=1.0, model_version="v1")
+        line.to_sink.send_multipart([VERDICT, late.encode()])
+        wait_rows(settings.database_url(), 4)
+        time.sleep(0.5)  # nothing more may arrive
+    finally:
+        to_sink.close(0)
+        ctx.term()
+        if first.is_alive():
+            first.kill()
+        if line is not None:
+            line.close()
+    rows = {r["frame_id"]: r for r in audit_rows(settings.database_url())}
+    assert sorted(rows) == sorted(h.frame_id for h in hs)
+    assert [rows[h.frame_id]["verdict"] for h in hs] == ["OK", "NG", "NG", "TIMEOUT"]
+    assert Path(rows[hs[1].frame_id]["image_path"]).is_file()  # the dead sink saved it
+    assert "sink restarted" in rows[hs[3].frame_id]["reason"]
+    assert not any(settings.journal_dir.glob("*.jsonl"))  # a clean stop leaves nothing to replay
 
 
 def test_hot_swap_loses_no_frame_and_rows_name_the_scoring_version(settings, synth_root,

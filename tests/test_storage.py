@@ -19,11 +19,12 @@ import pytest
 import sqlalchemy as sa
 
 from inspectd.daemon.config import ImageSettings
-from inspectd.daemon.protocol import ProtocolError, Verdict
+from inspectd.daemon.protocol import FrameHeader, ProtocolError, Verdict
 from inspectd.storage import files
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.db import upgrade
 from inspectd.storage.images import ImageStore
+from inspectd.storage.journal import Journal
 
 T0 = datetime(2024, 5, 1, 10, 30, tzinfo=UTC).timestamp()
 
@@ -409,3 +410,50 @@ def test_sink_side_imports_stay_free_of_torch() -> None:
     code = ("import sys, inspectd.imaging, inspectd.storage.audit, inspectd.storage.images; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _header(i: int) -> FrameHeader:
+    return FrameHeader(f"f{i:04d}", "cam1", "sku1", T0 + i, T0 + i + 5, (8, 8, 3), "uint8",
+                       "rgb8")
+
+
+def test_journal_keeps_segments_until_frames_are_judged_and_rows_durable(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "journal", rotate_s=0.0)  # a new segment at every collect
+    j.announce(_header(0))
+    j.announce(_header(1))
+    j.collect(durable_rows=0)
+    j.judged(verdict(0))
+    j.recorded("f0000", {"image": "/x/f0000.png"}, row=1)
+    j.collect(durable_rows=0)
+    names = lambda: [p.name for p in sorted((tmp_path / "journal").glob("*.jsonl"))]  # noqa: E731
+    assert names() == ["000000000001.jsonl", "000000000002.jsonl"]  # f0001 still open
+    j.judged(verdict(1))
+    j.recorded("f0001", {"image": "/x/f0001.png"}, row=2)
+    j.collect(durable_rows=1)
+    # Both older segments are done (f0001 judged, row 1 durable); the third holds row 2.
+    assert names() == ["000000000003.jsonl"]
+    j.close(clean=False)
+
+    again = Journal(tmp_path / "journal")  # a sink that died: what is left is replayed
+    rec = again.recover()
+    assert [(v.frame_id, paths) for v, paths in rec.rows] == [
+        ("f0001", {"image": "/x/f0001.png"})]
+    assert rec.pending == [] and rec.segments == 1
+    again.recovered(last_row=2)
+    again.announce(_header(2))
+    again.collect(durable_rows=2)
+    assert names() == ["000000000004.jsonl"]  # only the live one
+    again.close(clean=True)
+    assert names() == []
+
+
+def test_journal_skips_a_torn_line_and_returns_unjudged_frames(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    for i in range(3):
+        j.announce(_header(i))
+    j.judged(verdict(1))
+    j.close(clean=False)
+    [seg] = tmp_path.glob("*.jsonl")
+    seg.write_bytes(seg.read_bytes()[:-10])  # killed in the middle of the verdict's line
+    rec = Journal(tmp_path).recover()
+    assert rec.rows == [] and [h.frame_id for h in rec.pending] == ["f0000", "f0001", "f0002"]

@@ -337,3 +337,7 @@ class LineSettings(InspectdSettings):
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal"

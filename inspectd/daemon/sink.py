@@ -4,7 +4,8 @@ It receives announcements (from acquisition) and verdicts (from workers, or from
 for frames that never reached a worker) on one PULL socket. Each announced frame is tracked
 against its deadline: no verdict by deadline + grace means TIMEOUT. The first verdict for a
 frame id wins; a later one (a worker finishing after the TIMEOUT) is counted as late and
-ignored, so every frame gets exactly one audited verdict.
+ignored, so every frame gets exactly one audited verdict. What the sink takes on goes to its
+journal first (`storage.journal`), so a restarted sink finishes what a dead one left.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from inspectd.daemon.protocol import (
 from inspectd.daemon.transport import socket
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.images import ImageStore
+from inspectd.storage.journal import Journal
 
 log = structlog.get_logger("inspectd.sink")
 
@@ -80,6 +82,33 @@ class Sink:
         # Frame ids already judged, to ignore late or repeated messages (bounded).
         self._judged: OrderedDict[str, None] = OrderedDict()
         self._judged_max = 4 * settings.sink.max_pending
+        self.journal = Journal(settings.journal_dir)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Finish what a sink that died left: its judged rows go to the audit log (again: the
+        insert ignores rows already there; the PLC and subscribers had them), its announced
+        frames without a verdict are tracked again. One whose deadline passed while no sink
+        ran is audited TIMEOUT without a PLC output: the part is long gone."""
+        rec = self.journal.recover()
+        if not rec.segments:
+            return
+        for v, paths in rec.rows:
+            self._remember(v.frame_id)
+            self.audit.record(v, paths)
+        self.journal.recovered(self.audit.rows_recorded)
+        expired = 0
+        now = time.time()
+        for h in rec.pending:
+            if h.deadline_ts + self.s.sink.timeout_grace_ms / 1000 < now:
+                expired += 1
+                self._judge(Verdict.for_frame(
+                    h, "TIMEOUT", "no verdict by the deadline (the sink restarted)"), plc=False)
+            else:
+                self._track(h)
+        log.warning("sink journal replayed", why="a previous sink stopped without finishing",
+                    rows=len(rec.rows), pending=len(rec.pending) - expired, expired=expired,
+                    segments=rec.segments)
 
     def run(self, stop: threading.Event, drain_s: float | None = None) -> None:
         """Serve until `stop`; then wait up to drain_s for pending verdicts, and audit what is
@@ -110,6 +139,7 @@ class Sink:
                 self._dispatch(parts)
         self._expire(time.time())
         self.audit.poll()
+        self.journal.collect(self.audit.rows_durable)
         self.output.tick()
         self.counts.pending = len(self._pending)
         self.metrics.set_pending(len(self._pending))
@@ -119,6 +149,9 @@ class Sink:
 
     def close(self) -> None:
         self.audit.close()
+        # Clean: nothing pending and every row durable, so no later sink has to replay.
+        self.journal.close(not self._pending
+                           and self.audit.rows_durable == self.audit.rows_recorded)
         self.output.close()
         self.events.close()
         self.inbox.close(0)
@@ -144,6 +177,10 @@ class Sink:
         if len(self._pending) >= self.s.sink.max_pending:
             self._judge(Verdict.for_frame(h, "TIMEOUT", "overload: sink tracking limit"))
             return
+        self.journal.announce(h)
+        self._track(h)
+
+    def _track(self, h: FrameHeader) -> None:
         self._pending[h.frame_id] = h
         heapq.heappush(self._deadlines, (h.deadline_ts, h.frame_id))
 
@@ -157,25 +194,30 @@ class Sink:
                     h, "TIMEOUT", "no verdict by the deadline (worker dead, hung or overloaded)"))
 
     def _judge(self, v: Verdict, pixels: memoryview | None = None,
-               amap: memoryview | None = None) -> None:
+               amap: memoryview | None = None, plc: bool = True) -> None:
         if v.frame_id in self._judged:
             self.counts.late += 1
             self.metrics.late()
             log.info("late verdict ignored", frame_id=v.frame_id, verdict=v.verdict)
             return
         self._pending.pop(v.frame_id, None)
-        self._judged[v.frame_id] = None
-        if len(self._judged) > self._judged_max:
-            self._judged.popitem(last=False)
-        self.output.send(v)
+        self._remember(v.frame_id)
+        self.journal.judged(v)
+        if plc:
+            self.output.send(v)
         paths = self._save_images(v, pixels, amap)
-        self.audit.record(v, paths)
+        self.journal.recorded(v.frame_id, paths, self.audit.record(v, paths))
         self.events.publish(v, paths)
         self.counts.frames += 1
         self.counts.by_verdict[v.verdict] += 1
         self.metrics.observe_verdict(v, time.time() - v.capture_ts if v.capture_ts else None)
         if v.model_version:
             self.metrics.set_model(v.sku, v.model_version)
+
+    def _remember(self, frame_id: str) -> None:
+        self._judged[frame_id] = None
+        if len(self._judged) > self._judged_max:
+            self._judged.popitem(last=False)
 
     def _save_images(self, v: Verdict, pixels: memoryview | None,
                      amap: memoryview | None) -> dict[str, str] | None:

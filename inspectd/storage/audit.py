@@ -59,6 +59,8 @@ class AuditLog:
         self.rows_committed = 0  # rows in committed inserts (duplicates the DB ignored too)
         self.rows_spooled = 0
         self.rows_rejected = 0
+        # Rows numbered in record() order; the writer makes them durable in that order.
+        self.rows_recorded = self.rows_durable = 0
         self.db_up = False
         self._batch: list[Item] = []
         self._batch_t0 = 0.0
@@ -75,11 +77,14 @@ class AuditLog:
     def spool_backlog(self) -> int:
         return self.spool.backlog
 
-    def record(self, v: Verdict, paths: dict[str, str] | None = None) -> None:
-        """Queue one row; `poll()` hands it to the writer."""
+    def record(self, v: Verdict, paths: dict[str, str] | None = None) -> int:
+        """Queue one row; `poll()` hands it to the writer. Returns its number (1, 2, …):
+        once `rows_durable` reaches it, the row is committed or spooled."""
         if not self._batch:
             self._batch_t0 = time.monotonic()
         self._batch.append((v, paths))
+        self.rows_recorded += 1
+        return self.rows_recorded
 
     def poll(self) -> None:
         """Hand the batch to the writer once it has commit_rows rows or is commit_interval old."""
@@ -123,7 +128,8 @@ class AuditLog:
                 log.exception("audit writer failed; its rows go to the rejected file",
                               spool=str(self.spool.dir))
                 rows, self._unspooled = self._unspooled, []
-                self._reject([_encode(v, p) for v, p in rows])
+                self._reject([encode_row(v, p) for v, p in rows])
+                self.rows_durable += len(rows)
             if items:
                 with self._cond:
                     self._written += 1
@@ -148,9 +154,10 @@ class AuditLog:
         if self.db_up and not self.spool.pending and self._write(items):
             self._unspooled = []
             self.rows_committed += len(items)
+            self.rows_durable += len(items)
             return
         try:
-            self.spool.append([_encode(v, p) for v, p in items])
+            self.spool.append([encode_row(v, p) for v, p in items])
         except OSError as e:
             # Keep them in memory and try again: better than losing audit rows.
             log.error("cannot write the audit spool", spool=str(self.spool.dir), error=str(e),
@@ -159,6 +166,7 @@ class AuditLog:
             return
         self._unspooled = []
         self.rows_spooled += len(items)
+        self.rows_durable += len(items)
 
     def _connect(self) -> None:
         try:
@@ -189,7 +197,7 @@ class AuditLog:
         bad: list[bytes] = []
         for line in chunk.lines:
             try:
-                items.append(_decode(line))
+                items.append(decode_row(line))
             except (ValueError, KeyError, TypeError, ProtocolError) as e:
                 log.error("unreadable spool line", segment=str(chunk.segment), error=str(e))
                 bad.append(line)
@@ -220,7 +228,7 @@ class AuditLog:
                     return False
                 log.error("audit row refused by the database", frame_id=v.frame_id,
                           error=first_line(e))
-                self._reject([_encode(v, p)])
+                self._reject([encode_row(v, p)])
         return True
 
     def _execute(self, rows: list[dict[str, Any]]) -> None:
@@ -253,13 +261,13 @@ def _is_outage(e: exc.SQLAlchemyError) -> bool:
     return isinstance(e, _OUTAGE) or bool(getattr(e, "connection_invalidated", False))
 
 
-def _encode(v: Verdict, paths: dict[str, str] | None) -> bytes:
+def encode_row(v: Verdict, paths: dict[str, str] | None) -> bytes:
     # default=str: a stray non-JSON value must not cost the row (the database judges it).
     return json.dumps({"verdict": asdict(v), "paths": paths}, separators=(",", ":"),
                       default=str).encode()
 
 
-def _decode(line: bytes) -> Item:
+def decode_row(line: bytes) -> Item:
     data = json.loads(line)
     return Verdict.decode(json.dumps(data["verdict"]).encode()), data.get("paths")
 
