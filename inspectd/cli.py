@@ -567,10 +567,13 @@ def refit_cmd(
             out.print(f"[green]{r.version} is current[/] (was {r.previous or 'none'})")
         elif r.dry_run:
             out.print("dry run: nothing published" + ("" if r.passed else "; gates failed"))
+        elif r.passed:
+            out.print(f"{r.version} passed its gates and is kept, not current")
         else:
             out.print(f"{r.version} kept as rejected; {r.previous or 'no version'} stays current")
-    if not r.passed:
-        err.print(f"[red]error:[/] refit of {sku} rejected: {r.reason}", highlight=False,
+    if not r.passed or r.not_promoted:
+        what = "rejected" if not r.passed else "not promoted"
+        err.print(f"[red]error:[/] refit of {sku} {what}: {r.reason}", highlight=False,
                   soft_wrap=True)
         raise typer.Exit(1)
 

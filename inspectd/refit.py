@@ -85,6 +85,7 @@ class RefitResult:
     threshold: float
     gates: list[Gate]
     seconds: float
+    not_promoted: str | None = None  # why a candidate that passed is not current
 
     @property
     def passed(self) -> bool:
@@ -93,7 +94,7 @@ class RefitResult:
     @property
     def reason(self) -> str | None:
         failed = [g.reason or g.name for g in self.gates if g.passed is False]
-        return "; ".join(failed) or None
+        return "; ".join(failed) or self.not_promoted
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "passed": self.passed, "reason": self.reason}
@@ -338,8 +339,12 @@ def refit(
                 result.version = publish(staged, models_dir, sku, version, make_current=False,
                                          move=True)
                 if result.passed:
-                    promote(models_dir, sku, result.version, action="refit")
-                    result.promoted = True
+                    try:
+                        promote(models_dir, sku, result.version, action="refit",
+                                replacing=result.previous)
+                        result.promoted = True
+                    except ArtifactError as e:  # promoted or rolled back during the refit
+                        result.not_promoted = str(e)
     result.seconds = round(time.perf_counter() - t0, 2)
     log.info("refit done", sku=sku, version=result.version, promoted=result.promoted,
              passed=result.passed, reason=result.reason, seconds=result.seconds)

@@ -19,6 +19,7 @@ from inspectd.models import load
 from inspectd.models.registry import (
     current_version,
     list_versions,
+    promote,
     publish,
     read_history,
     refit_record,
@@ -151,6 +152,24 @@ def test_failed_gate_keeps_the_current_version_and_exits_with_the_reason(
     assert kept["v2"].status == "rejected" and not kept["v2"].is_current
     failed = [g["name"] for g in kept["v2"].gates if g["passed"] is False]
     assert "confirmed NG" in failed
+
+
+def test_a_refit_does_not_undo_a_promotion_made_while_it_ran(tmp_path, frames, object_artifact):
+    s = settings(make_line(tmp_path, frames, object_artifact))
+    switched = []
+
+    def engineer_promotes(stage: str, done: int, total: int) -> None:
+        if not switched:  # while the candidate fits, someone makes v2 current by hand
+            switched.append(publish(object_artifact, s.models_dir, SKU, "v2"))
+
+    r = refit(s, SKU, version="v3", progress=engineer_promotes)
+    assert switched and r.passed and not r.promoted and r.previous == "v1"
+    assert "current is v2, not v1" in r.reason
+    assert current_version(s.models_dir, SKU)[0] == "v2"
+    kept = {v.name: v for v in list_versions(s.models_dir, SKU)}
+    assert kept["v3"].status == "passed" and not kept["v3"].is_current
+    promote(s.models_dir, SKU, "v3")  # by hand, once reviewed
+    assert current_version(s.models_dir, SKU)[0] == "v3"
 
 
 def test_dry_run_of_a_new_sku_publishes_nothing(tmp_path, frames):

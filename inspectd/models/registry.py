@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -160,10 +160,13 @@ def list_versions(models_dir: Path, sku: str) -> list[VersionInfo]:
 
 
 def promote(models_dir: Path, sku: str, version: str, user: str | None = None,
-            force: bool = False, action: str = "promote") -> str | None:
+            force: bool = False, action: str = "promote",
+            replacing: str | None | Literal[False] = False) -> str | None:
     """Make `version` current (atomically) and record it; returns the version it replaced.
 
-    A version whose refit gates failed is only promoted with `force` (after a human review)."""
+    A version whose refit gates failed is only promoted with `force` (after a human review).
+    `replacing` (a version, or None for none): refuse unless that is still current — a refit
+    gated against it must not undo what someone promoted or rolled back meanwhile."""
     base = sku_dir(models_dir, sku)
     valid_version(version)
     record = refit_record(base / version) if (base / version).is_dir() else None
@@ -172,6 +175,15 @@ def promote(models_dir: Path, sku: str, version: str, user: str | None = None,
                             f"({record.get('reason', 'see refit.json')}); use --force to "
                             "promote it anyway")
     with _registry_lock(base):
+        if replacing is not False:
+            try:
+                now: str | None = current_version(models_dir, sku)[0]
+            except ArtifactError:
+                now = None
+            if now != replacing:
+                raise ArtifactError(
+                    f"{sku}: current is {now or 'no version'}, not {replacing or 'no version'} "
+                    f"as when {version} was made; promote it by hand if it should still be")
         return _switch(models_dir, sku, version, action, user)
 
 
