@@ -433,6 +433,16 @@ def analyse(name: str, fps: float, line: Path, plc: PlcRecorder, rss: list[tuple
 
 # --------------------------------------------------------------------------------- main
 
+def write_results(res: dict[str, Any], path: Path | None) -> None:
+    """The raw results as JSON: to `path`, or stdout."""
+    text = json.dumps(res, indent=2) + "\n"
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    else:
+        sys.stdout.write(text)
+
+
 def shown(path: Path) -> str:
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
@@ -474,12 +484,7 @@ def main() -> None:
         res["runs"][name] = r
         log(f"{name}: judged {r['judged_fps']:.1f} frames/s, verdicts {r['verdicts']}, "
             f"timeouts {r['timeouts']}, exit {r['exit_code']}")
-    text = json.dumps(res, indent=2) + "\n"
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_results(res, a.json)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ from bench_daemon import (
     timeout_cause,
     tree_pids,
     tree_rss_kib,
+    write_results,
     write_video,
 )
 
@@ -476,12 +477,7 @@ def main() -> None:
     log(f"bare model throughput: {len(frames)} frames at batch 8, {plan.bare_repeats} repeats")
     res["bare"] = bare_throughput(plan.data / "v1", frames, plan.bare_repeats)
     res["loads"] = line_series(plan, res["bare"]["images_per_s"]["median"])
-    text = json.dumps(res, indent=2) + "\n"
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text)
-    else:
-        sys.stdout.write(text)
+    write_results(res, a.json)
 
 
 if __name__ == "__main__":

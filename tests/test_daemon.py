@@ -106,6 +106,19 @@ def drop(inbox: Path, name: str, src: Path | bytes) -> None:
     os.replace(tmp, inbox / name)
 
 
+def feed_until_judged(line: dict, image: Path, sent: int, timeout: float = 120.0) -> int:
+    """Drop a frame at a time until one is judged OK or NG (a replaced worker is back);
+    every frame must get its row meanwhile. Returns the frames sent in all."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        drop(line["inbox"], f"obj_{sent:04d}.png", image)
+        sent += 1
+        if any(r["verdict"] in ("OK", "NG") for r in wait_rows(line["url"], sent)):
+            return sent
+        time.sleep(0.5)
+    raise AssertionError(f"no frame judged OK or NG in {timeout:.0f} s")
+
+
 class Collector:
     def __init__(self, endpoint: str) -> None:
         self.got: list[dict] = []
@@ -228,15 +241,7 @@ def test_stalled_and_killed_workers_cost_timeouts_not_frames(line, synth_root, t
         os.kill(worker2, signal.SIGKILL)
         d.wait_log(lambda e: e.get("event") == "restarting child" and "exited" in e["reason"])
         # Frames keep coming until a restarted worker judges them again; each gets one row.
-        sent, judged = 3, False
-        end = time.monotonic() + 120
-        while not judged and time.monotonic() < end:
-            drop(line["inbox"], f"obj_{sent:04d}.png", good)
-            sent += 1
-            rows = wait_rows(line["url"], sent)
-            judged = rows and any(r["verdict"] in ("OK", "NG") for r in rows)
-            time.sleep(0.5)
-        assert judged
+        sent = feed_until_judged(line, good, 3)
         assert d.stop() == 0
     finally:
         d.stop()
@@ -265,15 +270,7 @@ def test_a_killed_sink_costs_no_frame(line, synth_root, tmp_path):
         rows = wait_rows(line["url"], 3)
         assert [r["verdict"] for r in rows] == ["TIMEOUT"] * 3
         # The line goes on: the hung worker is replaced, later frames are judged.
-        sent, judged = 3, False
-        end = time.monotonic() + 120
-        while not judged and time.monotonic() < end:
-            drop(line["inbox"], f"obj_{sent:04d}.png", good)
-            sent += 1
-            rows = wait_rows(line["url"], sent)
-            judged = rows and any(r["verdict"] in ("OK", "NG") for r in rows)
-            time.sleep(0.5)
-        assert judged
+        sent = feed_until_judged(line, good, 3)
         assert d.stop() == 0
     finally:
         d.stop()
