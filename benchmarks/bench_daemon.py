@@ -433,6 +433,14 @@ def analyse(name: str, fps: float, line: Path, plc: PlcRecorder, rss: list[tuple
 
 # --------------------------------------------------------------------------------- main
 
+def bench_args(doc: str) -> argparse.Namespace:
+    """--quick and --json, the options of every daemon benchmark."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes and short runs")
+    ap.add_argument("--json", type=Path, help="write the raw results here")
+    return ap.parse_args()
+
+
 def write_results(res: dict[str, Any], path: Path | None) -> None:
     """The raw results as JSON: to `path`, or stdout."""
     text = json.dumps(res, indent=2) + "\n"
@@ -452,10 +460,7 @@ def shown_arg(arg: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and short runs")
-    ap.add_argument("--json", type=Path, help="write the raw results here")
-    a = ap.parse_args()
+    a = bench_args(__doc__)
     plan = QUICK if a.quick else FULL
 
     probe = LineSettings(**line_settings(plan.work, Path("/tmp")))

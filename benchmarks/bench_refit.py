@@ -26,7 +26,6 @@ judged too and labelled NG by an operator (the confirmed-NG gate).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -53,6 +52,7 @@ from bench_daemon import (
     ServiceManager,
     audit_rows,
     bare_throughput,
+    bench_args,
     decoded_frames,
     line_settings,
     shown,
@@ -450,10 +450,7 @@ def line_series(plan: Plan, base: float) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- main
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes and short runs")
-    ap.add_argument("--json", type=Path, help="write the raw results here")
-    a = ap.parse_args()
+    a = bench_args(__doc__)
     plan = QUICK if a.quick else FULL
 
     threads = role_threads(LineSettings(), "worker")  # the worker's share, for the bare rate

@@ -110,7 +110,8 @@ def limit_resources(threads: int | None, nice: int, idle: bool) -> dict[str, Any
     `idle` puts the process under SCHED_IDLE where the kernel has it (Linux): it runs only on
     CPU time the line leaves over. Under nice alone it still gets a weighted share of a busy
     core (110 against the worker's 1024 at nice 10) and its wake-ups delay the worker's
-    batches (BENCHMARKS.md: the line's p99 latency 147 → 1,928 ms during a refit at nice 10).
+    batches (BENCHMARKS.md, half load: the line's latency median 148 → 237 ms during a niced
+    refit, 127 → 144 ms during an idle one).
     So `threads` None means every core under SCHED_IDLE, one core otherwise."""
     from inspectd.daemon.roles import host_cores, set_threads
 

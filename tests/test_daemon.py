@@ -119,6 +119,11 @@ def feed_until_judged(line: dict, image: Path, sent: int, timeout: float = 120.0
     raise AssertionError(f"no frame judged OK or NG in {timeout:.0f} s")
 
 
+def assert_each_frame_once(line: dict, sent: int) -> None:
+    rows = audit_rows(line["url"])
+    assert len(rows) == sent and len({r["frame_id"] for r in rows}) == sent
+
+
 class Collector:
     def __init__(self, endpoint: str) -> None:
         self.got: list[dict] = []
@@ -245,8 +250,7 @@ def test_stalled_and_killed_workers_cost_timeouts_not_frames(line, synth_root, t
         assert d.stop() == 0
     finally:
         d.stop()
-    rows = audit_rows(line["url"])
-    assert len(rows) == sent and len({r["frame_id"] for r in rows}) == sent
+    assert_each_frame_once(line, sent)
 
 
 def test_a_killed_sink_costs_no_frame(line, synth_root, tmp_path):
@@ -274,7 +278,6 @@ def test_a_killed_sink_costs_no_frame(line, synth_root, tmp_path):
         assert d.stop() == 0
     finally:
         d.stop()
-    rows = audit_rows(line["url"])
-    assert len(rows) == sent and len({r["frame_id"] for r in rows}) == sent
+    assert_each_frame_once(line, sent)
     assert not any(journal.glob("*.jsonl"))
 

@@ -72,7 +72,7 @@ class Journal:
     def recover(self) -> Recovered:
         """Read what a previous sink left. Its segments stay until their frames are judged
         and their rows durable: call `recovered(row)` once the rows are recorded."""
-        rows: dict[str, Item] = {}
+        judged: dict[str, Verdict] = {}
         saved: dict[str, dict[str, str]] = {}
         announced: dict[str, tuple[FrameHeader, _Segment]] = {}
         for path in sorted(self.dir.glob(f"*{SUFFIX}")):
@@ -85,7 +85,7 @@ class Journal:
                         announced.setdefault(h.frame_id, (h, seg))
                     elif "verdict" in data:
                         v, _ = decode_row(line)
-                        rows.setdefault(v.frame_id, (v, None))
+                        judged.setdefault(v.frame_id, v)
                     else:
                         saved.update(data["paths"])
                 except (ValueError, KeyError, TypeError, ProtocolError) as e:
@@ -94,11 +94,11 @@ class Journal:
             self._segments.append(seg)
         pending = []
         for fid, (h, seg) in announced.items():
-            if fid not in rows:
+            if fid not in judged:
                 seg.announced.add(fid)
                 self._owner[fid] = seg
                 pending.append(h)
-        return Recovered([(v, saved.get(fid)) for fid, (v, _) in rows.items()], pending,
+        return Recovered([(v, saved.get(fid)) for fid, v in judged.items()], pending,
                          len(self._segments))
 
     def recovered(self, last_row: int) -> None:
