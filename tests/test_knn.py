@@ -64,7 +64,10 @@ def test_torch_backend_chunks_queries(monkeypatch: pytest.MonkeyPatch) -> None:
     whole = NearestNeighbourIndex("torch").fit(bank).search(queries, 4)
     monkeypatch.setattr(knn, "_MAX_CHUNK_ELEMENTS", 2000 * 10)  # 10 queries per chunk
     chunked = NearestNeighbourIndex("torch").fit(bank).search(queries, 4)
-    assert torch.equal(whole[1], chunked[1]) and torch.equal(whole[0], chunked[0])
+    # Same neighbours; distances only close: BLAS may pick another kernel (and summation
+    # order) for a 10-row product than for a 333-row one, depending on the CPU.
+    assert torch.equal(whole[1], chunked[1])
+    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])
