@@ -46,8 +46,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Only these two before the thread count is set: OpenMP reads it once, when torch loads.
-from inspectd.daemon.config import LineSettings  # noqa: E402
-from inspectd.daemon.roles import role_threads, set_threads  # noqa: E402
+from inspectd.core.config import LineSettings  # noqa: E402
+from inspectd.core.resources import set_threads  # noqa: E402
+from inspectd.daemon.roles import role_threads  # noqa: E402
 
 SKU = "object"
 PART_REGISTER, VERDICT_REGISTER, HEARTBEAT_REGISTER, REJECT_COIL = 0, 1, 2, 16
@@ -119,8 +120,8 @@ def write_video(path: Path, images: list[Path]) -> None:
 def prepare(plan: Plan) -> tuple[Path, Path, int]:
     """Synthetic data (once), the video, a fitted artifact; (artifact, video, frames in it)."""
     from inspectd.models import fit
+    from inspectd.models.settings import ModelSettings
     from inspectd.models.synthetic import generate
-    from inspectd.settings import ModelSettings
 
     params = {"n_train": plan.n_train, "n_test_good": plan.n_test_good,
               "n_test_defect": plan.n_test_defect, "size": 256}
@@ -150,7 +151,7 @@ def decoded_frames(video: Path) -> list[np.ndarray]:
     """The video's frames as the worker gets them: decoded BGR, then `to_rgb8` (a view)."""
     import cv2
 
-    from inspectd.daemon.protocol import to_rgb8
+    from inspectd.core.wire import to_rgb8
 
     cap = cv2.VideoCapture(str(video))
     frames = []

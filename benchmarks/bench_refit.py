@@ -68,8 +68,9 @@ from bench_daemon import (
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Only these before the thread count is set: OpenMP reads it once, when torch loads.
-from inspectd.daemon.config import LineSettings  # noqa: E402
-from inspectd.daemon.roles import THREAD_VARS, role_threads, set_threads  # noqa: E402
+from inspectd.core.config import LineSettings  # noqa: E402
+from inspectd.core.resources import THREAD_VARS, set_threads  # noqa: E402
+from inspectd.daemon.roles import role_threads  # noqa: E402
 
 GAP_S = 30.0  # capture times of the accumulated frames are this far apart
 
@@ -142,12 +143,12 @@ def prepare(plan: Plan) -> dict[str, Any]:
     stamp = plan.data / "line.json"
     if stamp.is_file() and (info := json.loads(stamp.read_text()))["params"] == params:
         return info
-    from inspectd.daemon.config import ImageSettings
-    from inspectd.daemon.protocol import Verdict
+    from inspectd.core.config import ImageSettings
+    from inspectd.core.wire import Verdict
     from inspectd.models import fit, load
     from inspectd.models.registry import publish
+    from inspectd.models.settings import ModelSettings
     from inspectd.models.synthetic import generate
-    from inspectd.settings import ModelSettings
     from inspectd.storage import queries
     from inspectd.storage.audit import AuditLog
     from inspectd.storage.images import ImageStore

@@ -160,7 +160,7 @@ def fit_and_score(kind: str, root: Path, category: str, repeats: int, artifact: 
     from inspectd.models import load
     from inspectd.models.evaluate import evaluate
     from inspectd.models.fitting import fit
-    from inspectd.settings import ModelSettings
+    from inspectd.models.settings import ModelSettings
 
     seconds, coreset = [], []
     for _ in range(repeats):
@@ -203,7 +203,8 @@ def timed_predict(dets: dict, batch_size: int, calls: list[list], warmup: int = 
 
 
 def models_worker(kind: str, plan: Plan) -> dict[str, Any]:
-    from inspectd.models.data import read_image, test_samples
+    from inspectd.core.imaging import read_image
+    from inspectd.models.data import test_samples
 
     res: dict[str, Any] = {"kind": kind}
     dets = {}

@@ -15,11 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from inspectd.core.errors import ArtifactError, InspectdError
+from inspectd.core.log import configure as configure_logging
+from inspectd.core.settings import load_settings
 from inspectd.daemon import cli as daemon_cli
 from inspectd.daemon.cli_events import events_cmd
-from inspectd.errors import ArtifactError, InspectdError
-from inspectd.log import configure as configure_logging
-from inspectd.settings import ModelSettings, load_settings
 from inspectd.storage.cli import audit_app, db_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -93,6 +93,7 @@ def fit(
     publish it straight into a line's registry as the SKU's current version (--sku, --line)."""
     from inspectd.models.data import resolve_categories, train_samples
     from inspectd.models.fitting import fit as fit_detector
+    from inspectd.models.settings import ModelSettings
 
     if (sku is None) != (line is None) or (out_dir is None and sku is None):
         raise typer.BadParameter("give --out, or --sku with --line, or both")
@@ -126,7 +127,7 @@ def _fit_into_registry(det: Any, line: Path, sku: str) -> Path:
     """Save beside the SKU's versions, rename in as a new version, make it current."""
     import tempfile
 
-    from inspectd.daemon.config import LineSettings
+    from inspectd.core.config import LineSettings
     from inspectd.models.registry import publish, sku_dir
 
     models_dir = load_settings(LineSettings, line).models_dir
@@ -298,8 +299,8 @@ def validate_config(
     override: OverrideOpt = None,
 ) -> None:
     """Check a line config: a bad key is named (exit 2), a good one summarised (exit 0)."""
-    from inspectd.daemon.config import LineSettings
-    from inspectd.errors import ConfigError
+    from inspectd.core.config import LineSettings
+    from inspectd.core.errors import ConfigError
 
     try:
         s = load_settings(LineSettings, config, override or [])
@@ -316,7 +317,7 @@ def validate_config(
 def _line_summary(s: Any) -> list[tuple[str, str]]:
     import sqlalchemy as sa
 
-    from inspectd.errors import ConfigError
+    from inspectd.core.errors import ConfigError
 
     try:
         db = sa.engine.make_url(s.database_url()).render_as_string(hide_password=True)
@@ -366,7 +367,7 @@ def models_publish(
 ) -> None:
     """Copy an artifact into data_dir/models/<sku>/<version> and make it current; a running
     worker picks it up at its next batch for that SKU."""
-    from inspectd.daemon.config import LineSettings
+    from inspectd.core.config import LineSettings
     from inspectd.models.registry import publish
 
     s = load_settings(LineSettings, config, override or [])
@@ -382,7 +383,7 @@ SinceOpt = Annotated[
 
 
 def _line(config: Path | None, override: list[str] | None) -> Any:
-    from inspectd.daemon.config import LineSettings
+    from inspectd.core.config import LineSettings
 
     return load_settings(LineSettings, config, override or [])
 
@@ -544,7 +545,7 @@ def refit_cmd(
     and promote it when every gate passes (exit 1 with the reason when one fails)."""
     s = _line(config, override)
     since_t = _since(since)
-    from inspectd.refit import limit_resources
+    from inspectd.core.resources import limit_resources
 
     # before torch is imported
     resources = limit_resources(s.refit.threads, s.refit.nice, s.refit.idle)

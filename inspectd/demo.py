@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 import yaml
 
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
 
 SKUS = ("texture", "object")
 
@@ -62,8 +62,8 @@ def run_demo(work: Path, n_train: int, echo: Any) -> dict[str, Any]:
     from inspectd.models import fit
     from inspectd.models.evaluate import evaluate
     from inspectd.models.registry import publish
+    from inspectd.models.settings import ModelSettings
     from inspectd.models.synthetic import generate
-    from inspectd.settings import ModelSettings
 
     work = work.resolve()
     data, line = work / "data", work / "line"

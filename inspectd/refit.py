@@ -37,9 +37,10 @@ import structlog
 from pydantic import ValidationError
 from scipy.stats import ks_2samp
 
-from inspectd.daemon.config import LineSettings
-from inspectd.errors import ArtifactError, ConfigError, InspectdError
-from inspectd.settings import ModelSettings, load_settings
+from inspectd.core.config import LineSettings
+from inspectd.core.errors import ArtifactError, ConfigError, InspectdError
+from inspectd.core.settings import load_settings
+from inspectd.models.settings import ModelSettings
 from inspectd.storage import queries
 from inspectd.storage.db import safe_url
 
@@ -101,35 +102,6 @@ class RefitResult:
 
 
 # -- resources and the lock -----------------------------------------------------------------
-def limit_resources(threads: int | None, nice: int, idle: bool) -> dict[str, Any]:
-    """Lower this process's CPU priority and bound its threads, so a refit beside the live
-    daemon does not starve it; returns what holds now ({threads, nice, policy}). Call before
-    torch is imported (OpenMP reads its thread count from the environment once, and its
-    threads inherit the policy of the thread that starts them).
-
-    `idle` puts the process under SCHED_IDLE where the kernel has it (Linux): it runs only on
-    CPU time the line leaves over. Under nice alone it still gets a weighted share of a busy
-    core (110 against the worker's 1024 at nice 10) and its wake-ups delay the worker's
-    batches (BENCHMARKS.md, half load: the line's latency median 148 → 237 ms during a niced
-    refit, 127 → 144 ms during an idle one).
-    So `threads` None means every core under SCHED_IDLE, one core otherwise."""
-    from inspectd.daemon.roles import host_cores, set_threads
-
-    niceness = os.nice(nice)
-    policy = "normal"
-    if idle and hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        policy = "idle"
-    threads = threads or (host_cores() if policy == "idle" else 1)
-    set_threads(threads)
-    import faiss
-    import torch
-
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    return {"threads": torch.get_num_threads(), "nice": niceness, "policy": policy}
-
-
 @contextmanager
 def refit_lock(models_dir: Path, sku: str) -> Iterator[None]:
     """One refit per SKU at a time: a non-blocking flock on models/<sku>/.refit.lock holding

@@ -44,7 +44,7 @@ def run_cli():
 def object_artifact(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A PatchCore artifact fitted on the synthetic object's OK images (128×128)."""
     from inspectd.models import fit
-    from inspectd.settings import ModelSettings
+    from inspectd.models.settings import ModelSettings
 
     s = ModelSettings(kind="patchcore", preprocess={"resize": 128})
     out = tmp_path_factory.mktemp("object_model") / "v1"

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from inspectd.cli import app
-from inspectd.daemon.protocol import Verdict
+from inspectd.core.wire import Verdict
 from inspectd.storage.audit import AuditLog
 
 H10 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC).timestamp()

@@ -15,7 +15,7 @@ import cv2
 import pytest
 import yaml
 
-from inspectd.daemon.protocol import VERDICTS
+from inspectd.core.wire import VERDICTS
 from inspectd.models.registry import publish
 from tests.helpers import audit_rows, wait_rows
 from tests.test_daemon import Daemon

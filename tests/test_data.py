@@ -8,13 +8,12 @@ import cv2
 import numpy as np
 import pytest
 
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
+from inspectd.core.imaging import read_image, read_mask
 from inspectd.models.data import (
     check_dataset,
     expand_image_paths,
     list_categories,
-    read_image,
-    read_mask,
     resolve_categories,
     test_samples,
     train_samples,

@@ -17,9 +17,9 @@ import paho.mqtt.client as mqtt
 import pytest
 import zmq
 
-from inspectd.daemon.config import MqttSettings
+from inspectd.core.config import MqttSettings
+from inspectd.core.wire import Verdict
 from inspectd.daemon.events import EventPublisher, subscribe
-from inspectd.daemon.protocol import Verdict
 from tests.helpers import free_port, until
 
 MOSQUITTO = ("127.0.0.1", 1883)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from inspectd.errors import ConfigError, WeightsNotFoundError
+from inspectd.core.errors import ConfigError, WeightsNotFoundError
 from inspectd.models.features import (
     FeatureExtractor,
     build_extractor,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from inspectd.errors import ConfigError, DataError
+from inspectd.core.errors import ConfigError, DataError
 from inspectd.models.knn import NearestNeighbourIndex
 
 faiss = pytest.importorskip("faiss")

@@ -17,7 +17,7 @@ from alembic.migration import MigrationContext
 from typer.testing import CliRunner
 
 from inspectd.cli import app
-from inspectd.daemon.protocol import Verdict
+from inspectd.core.wire import Verdict
 from inspectd.storage import queries
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.db import StorageError, upgrade

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.daemon.config import LineSettings
-from inspectd.settings import load_settings
+from inspectd.core.config import LineSettings
+from inspectd.core.settings import load_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "inspectd.example.yaml"
 INSPECTD = Path(sys.executable).parent / "inspectd"

@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
 from inspectd.models.metrics import aupro, auroc, f1_max, pixel_auroc
 
 

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from inspectd.core.wire import Verdict
 from inspectd.daemon.metrics import Metrics, MetricsError
-from inspectd.daemon.protocol import Verdict
 
 
 @pytest.fixture

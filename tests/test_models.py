@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from inspectd.core.imaging import read_image
+from inspectd.core.settings import load_settings
 from inspectd.models import fit, load
-from inspectd.models.data import read_image, test_samples, train_samples
+from inspectd.models.data import test_samples, train_samples
 from inspectd.models.metrics import f1_max
-from inspectd.settings import ModelSettings, load_settings
+from inspectd.models.settings import ModelSettings
 
 KINDS = ["patchcore", "padim", "orthoad"]
 SMALL = ["preprocess.resize=128", "calibration.min_holdout=3"]

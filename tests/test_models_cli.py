@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from inspectd.cli import app
-from inspectd.daemon.config import LineSettings
-from inspectd.daemon.protocol import Verdict
-from inspectd.errors import ArtifactError
+from inspectd.core.config import LineSettings
+from inspectd.core.errors import ArtifactError
+from inspectd.core.settings import load_settings
+from inspectd.core.wire import Verdict
 from inspectd.models import load
 from inspectd.models.artifact import read_manifest
 from inspectd.models.registry import REFIT_RECORD, current_version, publish, read_history
-from inspectd.settings import load_settings
 from inspectd.storage.audit import AuditLog
 
 SKU = "GM06_08"

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import zmq
 
-from inspectd.daemon.config import LineSettings
-from inspectd.daemon.protocol import ANNOUNCE, FRAME, VERDICT, FrameHeader, Verdict, new_frame_id
+from inspectd.core.config import LineSettings
+from inspectd.core.wire import ANNOUNCE, FRAME, VERDICT, FrameHeader, Verdict, new_frame_id
 from inspectd.daemon.sink import Sink
 from inspectd.daemon.transport import socket
 from inspectd.daemon.worker import Worker

@@ -12,10 +12,10 @@ from pymodbus.client import ModbusTcpClient
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
+from inspectd.core.config import ModbusSettings, PlcSettings
+from inspectd.core.wire import Verdict
 from inspectd.daemon import plc
-from inspectd.daemon.config import ModbusSettings, PlcSettings
 from inspectd.daemon.plc import ModbusOutput, NullOutput, open_output
-from inspectd.daemon.protocol import Verdict
 from tests.helpers import free_port, until
 
 WRITE_COIL, WRITE_REGISTER = 5, 6

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from inspectd.errors import ConfigError
+from inspectd.core.errors import ConfigError
+from inspectd.core.settings import load_settings
 from inspectd.models import fit
 from inspectd.models.preprocess import Geometry, stitch
-from inspectd.settings import ModelSettings, PreprocessSettings, load_settings
+from inspectd.models.settings import ModelSettings, PreprocessSettings
 
 
 def geo(**kw) -> Geometry:

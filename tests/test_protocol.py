@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inspectd.daemon.protocol import (
+from inspectd.core.wire import (
     FrameHeader,
     ProtocolError,
     Verdict,

@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from inspectd.daemon.config import ImageSettings, LineSettings
-from inspectd.daemon.protocol import UNKNOWN_SKU, Verdict
-from inspectd.daemon.roles import host_cores
+from inspectd.core.config import ImageSettings, LineSettings
+from inspectd.core.resources import host_cores
+from inspectd.core.settings import load_settings
+from inspectd.core.wire import UNKNOWN_SKU, Verdict
 from inspectd.models import load
 from inspectd.models.registry import (
     current_version,
@@ -33,7 +34,6 @@ from inspectd.refit import (
     refit_lock,
     shift_gate,
 )
-from inspectd.settings import load_settings
 from inspectd.storage import queries
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.images import ImageStore

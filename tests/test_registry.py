@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.errors import ArtifactError
+from inspectd.core.errors import ArtifactError
 from inspectd.models.registry import current_version, publish, set_current
 
 

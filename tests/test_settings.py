@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from inspectd.errors import ConfigError
-from inspectd.settings import ModelSettings, load_settings, parse_overrides
+from inspectd.core.errors import ConfigError
+from inspectd.core.settings import load_settings, parse_overrides
+from inspectd.models.settings import ModelSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 

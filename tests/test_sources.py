@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from inspectd.daemon.config import AravisCamera, FolderCamera, OpenCVCamera, PylonCamera
+from inspectd.core.config import AravisCamera, FolderCamera, OpenCVCamera, PylonCamera
 from inspectd.daemon.sources import Capture, Source, SourceError, open_source
 from inspectd.daemon.sources import folder as folder_mod
 

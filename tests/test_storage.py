@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from inspectd.daemon.config import ImageSettings
-from inspectd.daemon.protocol import FrameHeader, ProtocolError, Verdict
+from inspectd.core.config import ImageSettings
+from inspectd.core.wire import FrameHeader, ProtocolError, Verdict
 from inspectd.storage import files
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.db import upgrade
@@ -407,7 +407,7 @@ def test_failed_atomic_write_leaves_the_old_file(tmp_path: Path,
 
 
 def test_sink_side_imports_stay_free_of_torch() -> None:
-    code = ("import sys, inspectd.imaging, inspectd.storage.audit, inspectd.storage.images; "
+    code = ("import sys, inspectd.core.imaging, inspectd.storage.audit, inspectd.storage.images; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

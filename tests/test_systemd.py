@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from inspectd.daemon.config import SupervisorSettings
+from inspectd.core.config import SupervisorSettings
 from inspectd.daemon.systemd import Notifier
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "systemd"

@@ -15,8 +15,8 @@ import numpy as np
 import structlog
 import zmq
 
-from inspectd.daemon.config import LineSettings
-from inspectd.daemon.protocol import (
+from inspectd.core.config import LineSettings
+from inspectd.core.wire import (
     ANNOUNCE,
     FRAME,
     VERDICT,

@@ -11,9 +11,9 @@ from typing import Annotated
 import structlog
 import typer
 
-from inspectd.daemon.config import LineSettings
-from inspectd.log import configure as configure_logging
-from inspectd.settings import load_settings
+from inspectd.core.config import LineSettings
+from inspectd.core.log import configure as configure_logging
+from inspectd.core.settings import load_settings
 
 LineConfigOpt = Annotated[
     Path, typer.Option("-c", "--config", help="line config, e.g. /etc/inspectd/inspectd.yaml")

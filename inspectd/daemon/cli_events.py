@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from inspectd.errors import ConfigError
+from inspectd.core.errors import ConfigError
 
 
 def _line(e: dict[str, Any]) -> str:
@@ -45,8 +45,8 @@ def events_cmd(
     if endpoint is None:
         if config is None:
             raise ConfigError("events: give --endpoint or -c CONFIG")
-        from inspectd.daemon.config import LineSettings
-        from inspectd.settings import load_settings
+        from inspectd.core.config import LineSettings
+        from inspectd.core.settings import load_settings
 
         endpoint = load_settings(LineSettings, config, override or []).events_address()
     seen = 0

@@ -20,8 +20,8 @@ import paho.mqtt.client as mqtt
 import structlog
 import zmq
 
-from inspectd.daemon.config import MqttSettings
-from inspectd.daemon.protocol import VERDICTS, Verdict, valid_name
+from inspectd.core.config import MqttSettings
+from inspectd.core.wire import VERDICTS, Verdict, valid_name
 from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.events")

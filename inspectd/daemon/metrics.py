@@ -10,8 +10,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from inspectd.daemon.protocol import Verdict
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
+from inspectd.core.wire import Verdict
 
 # 1 ms … 5 s: queueing and inference are milliseconds, a TIMEOUT is seconds.
 STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

@@ -22,8 +22,8 @@ from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from inspectd.daemon.config import ModbusSettings, PlcSettings
-from inspectd.daemon.protocol import Verdict
+from inspectd.core.config import ModbusSettings, PlcSettings
+from inspectd.core.wire import Verdict
 
 log = structlog.get_logger("inspectd.plc")
 

@@ -2,48 +2,27 @@
 
 Thread budget: the roles on one host share its cores, and oversubscribed OpenMP runs several
 times slower, so each role sets its torch/OpenMP/faiss/OpenCV thread counts before torch is
-imported: workers split the cores between them, acquisition and the sink take one each.
+imported (`core.resources`): workers split the cores between them, acquisition and the sink
+take one each.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from typing import Literal
 
-from inspectd.daemon.config import LineSettings
+from inspectd.core.config import LineSettings
+from inspectd.core.resources import host_cores, set_threads, torch_threads
 
 Role = Literal["acquire", "worker", "sink"]
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-
-
-def host_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def role_threads(settings: LineSettings, role: Role) -> int:
     if role != "worker":
         return 1
     return settings.worker.threads or max(1, host_cores() // settings.worker.count)
-
-
-def set_threads(n: int) -> None:
-    """Must run before torch is imported in this process (OpenMP reads the environment once)."""
-    for var in THREAD_VARS:
-        os.environ[var] = str(n)
-    import cv2
-
-    cv2.setNumThreads(n)
-
-
-def _torch_threads(n: int) -> None:
-    import faiss
-    import torch
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
 
 
 def run_role(
@@ -62,7 +41,7 @@ def run_role(
         from inspectd.daemon.acquire import Acquirer
 
         if name not in settings.cameras:
-            from inspectd.errors import ConfigError
+            from inspectd.core.errors import ConfigError
 
             raise ConfigError(f"no camera {name!r} in the config ({sorted(settings.cameras)})")
         if heartbeat is not None:  # the source blocks while idle: beat from a thread
@@ -71,7 +50,7 @@ def run_role(
     elif role == "worker":
         from inspectd.daemon.worker import Worker
 
-        _torch_threads(n)
+        torch_threads(n)
         w = Worker(settings, heartbeat=heartbeat)
         w.preload()
         ready()

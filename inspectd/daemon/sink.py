@@ -21,11 +21,8 @@ import numpy as np
 import structlog
 import zmq
 
-from inspectd.daemon.config import LineSettings
-from inspectd.daemon.events import EventPublisher
-from inspectd.daemon.metrics import Metrics
-from inspectd.daemon.plc import VerdictOutput, open_output
-from inspectd.daemon.protocol import (
+from inspectd.core.config import LineSettings
+from inspectd.core.wire import (
     ANNOUNCE,
     UNKNOWN_SKU,
     VERDICT,
@@ -35,6 +32,9 @@ from inspectd.daemon.protocol import (
     pixels_to_array,
     to_rgb8,
 )
+from inspectd.daemon.events import EventPublisher
+from inspectd.daemon.metrics import Metrics
+from inspectd.daemon.plc import VerdictOutput, open_output
 from inspectd.daemon.transport import socket
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.images import ImageStore

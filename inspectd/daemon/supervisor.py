@@ -25,10 +25,10 @@ from typing import Any
 
 import structlog
 
-from inspectd.daemon.config import LineSettings
+from inspectd.core.config import LineSettings
+from inspectd.core.log import configure as configure_logging
 from inspectd.daemon.roles import Role, run_role
 from inspectd.daemon.systemd import Notifier
-from inspectd.log import configure as configure_logging
 
 log = structlog.get_logger("inspectd.supervisor")
 _CTX = mp.get_context("spawn")

@@ -1,4 +1,4 @@
-"""ZeroMQ socket handling for the roles; the wire format lives in `protocol`.
+"""ZeroMQ socket handling for the roles; the wire format lives in `core.wire`.
 
 Every socket gets a bounded high-water mark and a short linger; transport failures become
 `TransportError`s that name the endpoint.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import zmq
 
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
 
 
 class TransportError(InspectdError):

@@ -20,8 +20,9 @@ import numpy as np
 import structlog
 import zmq
 
-from inspectd.daemon.config import LineSettings
-from inspectd.daemon.protocol import (
+from inspectd.core.config import LineSettings
+from inspectd.core.errors import InspectdError
+from inspectd.core.wire import (
     FRAME,
     UNKNOWN_SKU,
     VERDICT,
@@ -32,7 +33,6 @@ from inspectd.daemon.protocol import (
     to_rgb8,
 )
 from inspectd.daemon.transport import socket
-from inspectd.errors import InspectdError
 
 log = structlog.get_logger("inspectd.worker")
 

@@ -22,7 +22,7 @@ from inspectd.models.detector import Detector, Prediction
 if TYPE_CHECKING:
     import numpy as np
 
-    from inspectd.settings import ModelSettings
+    from inspectd.models.settings import ModelSettings
 
 __all__ = ["Detector", "Prediction", "fit", "load"]
 

@@ -18,13 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import inspectd
-from inspectd.errors import ArtifactError
+from inspectd.core.errors import ArtifactError
 from inspectd.models.detector import Detector
 from inspectd.models.features import Runtime, build_extractor, file_sha256, resolve_weights
 from inspectd.models.padim import Padim
 from inspectd.models.patchcore import PatchCore
 from inspectd.models.preprocess import Geometry
-from inspectd.settings import PreprocessSettings
+from inspectd.models.settings import PreprocessSettings
 
 FORMAT = 1
 MANIFEST = "manifest.json"

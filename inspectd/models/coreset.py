@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from inspectd.errors import ConfigError, DataError
+from inspectd.core.errors import ConfigError, DataError
 
 Progress = Callable[[int, int], None]
 

@@ -1,4 +1,4 @@
-"""Reading images, masks and MVTec-AD-style data sets, and checking such data sets.
+"""MVTec-AD-style data sets: listing their images and masks, and checking them.
 
 Layout: ROOT/CATEGORY/train/good/*.png, ROOT/CATEGORY/test/<defect or good>/*.png and
 ROOT/CATEGORY/ground_truth/<defect>/<stem>_mask.png (optional; without it only image-level
@@ -14,52 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
-import numpy as np
-
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
+from inspectd.core.imaging import read_raw
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MVTEC_OBJECTS = ("bottle", "cable", "capsule", "hazelnut", "metal_nut", "pill", "screw",
                  "toothbrush", "transistor", "zipper")
 MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 _MODES = {1: "gray", 2: "gray+alpha", 3: "RGB", 4: "RGBA"}
-
-
-def _decode(path: Path) -> np.ndarray:
-    """Decodes an image file as stored (any depth and channel count), or raises DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: {'not a file' if path.exists() else 'file not found'}")
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read file ({e.strerror or e})") from e
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) if buf.size else None
-    if img is None:
-        raise DataError(f"{path}: not a readable image")
-    if img.dtype not in (np.uint8, np.uint16):
-        raise DataError(f"{path}: unsupported pixel type {img.dtype} (need 8- or 16-bit)")
-    return img
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Reads an image as HxWx3 uint8 RGB (gray expanded, 16-bit scaled, alpha dropped)."""
-    img = _decode(path)
-    if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] <= 2:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
-    code = cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB
-    return cv2.cvtColor(img, code)
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Reads a defect mask as HxW bool (any nonzero channel = defect)."""
-    img = _decode(path)
-    return img.any(axis=2) if img.ndim == 3 else img > 0
 
 
 @dataclass(frozen=True)
@@ -197,7 +159,7 @@ class CategoryReport:
 def _probe(path: Path) -> tuple[int, int, str, bool] | str:
     """(width, height, mode, any nonzero pixel) of an image, or why it cannot be read."""
     try:
-        img = _decode(path)
+        img = read_raw(path)
     except DataError as e:
         return str(e)
     channels = 1 if img.ndim == 2 else img.shape[2]

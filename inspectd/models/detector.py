@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from inspectd import imaging
-from inspectd.models.data import read_image
+from inspectd.core import imaging
+from inspectd.core.imaging import read_image
 from inspectd.models.features import FeatureExtractor, Runtime
 from inspectd.models.preprocess import Geometry, Placement, split_tiles, stitch, to_tensor
 

@@ -9,9 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
+from inspectd.core.imaging import read_mask
 from inspectd.models import metrics
-from inspectd.models.data import read_mask, test_samples
+from inspectd.models.data import test_samples
 from inspectd.models.detector import Detector, Prediction, batched, load_images
 
 

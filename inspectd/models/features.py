@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from inspectd.errors import ConfigError, WeightsNotFoundError
+from inspectd.core.errors import ConfigError, WeightsNotFoundError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 import torch
 
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
 from inspectd.models.coreset import ApproximateGreedyCoreset
 from inspectd.models.data import expand_image_paths
 from inspectd.models.detector import Detector, batched, load_images
@@ -34,7 +34,7 @@ from inspectd.models.metrics import f1_max
 from inspectd.models.padim import Padim, embed_positions, projection
 from inspectd.models.patchcore import PatchCore, embed_patches
 from inspectd.models.preprocess import Geometry
-from inspectd.settings import ModelSettings
+from inspectd.models.settings import ModelSettings
 
 log = structlog.get_logger("inspectd.fit")
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inspectd.errors import ConfigError, DataError
+from inspectd.core.errors import ConfigError, DataError
 
 try:
     import faiss

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from inspectd.errors import DataError
+from inspectd.core.errors import DataError
 
 __all__ = ["aupro", "auroc", "f1_max", "pixel_auroc"]
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from inspectd.errors import ConfigError
+from inspectd.core.errors import ConfigError
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import structlog
 
-from inspectd.errors import ArtifactError
+from inspectd.core.errors import ArtifactError
 from inspectd.models.artifact import read_manifest
 
 log = structlog.get_logger("inspectd.registry")

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inspectd.errors import ConfigError
+from inspectd.core.errors import ConfigError
 
 Image = np.ndarray  # HxWx3 float32 RGB (or HxW gray) in 0..255
 Mask = np.ndarray  # HxW bool

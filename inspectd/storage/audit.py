@@ -31,7 +31,7 @@ from alembic.util import CommandError
 from sqlalchemy import Insert, exc
 from sqlalchemy.dialects import postgresql, sqlite
 
-from inspectd.daemon.protocol import ProtocolError, Verdict
+from inspectd.core.wire import ProtocolError, Verdict
 from inspectd.storage.db import StorageError, first_line, make_engine, safe_url, upgrade
 from inspectd.storage.schema import verdicts
 from inspectd.storage.spool import Spool

@@ -61,8 +61,8 @@ def database_url(config: Path | None, overrides: list[str] | None, db: str | Non
     """--db, else the line config's database (default: SQLite in data_dir)."""
     if db:
         return db
-    from inspectd.daemon.config import LineSettings
-    from inspectd.settings import load_settings
+    from inspectd.core.config import LineSettings
+    from inspectd.core.settings import load_settings
 
     return load_settings(LineSettings, config, overrides or []).database_url()
 

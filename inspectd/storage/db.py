@@ -13,7 +13,7 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, exc, inspect, make_url
 from sqlalchemy.engine import URL
 
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Give up quickly and spool instead: the audit writer must not hang on the database, on a

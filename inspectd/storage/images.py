@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import structlog
 
-from inspectd import imaging
-from inspectd.daemon.config import ImageSettings
-from inspectd.daemon.protocol import Verdict, valid_name
+from inspectd.core import imaging
+from inspectd.core.config import ImageSettings
+from inspectd.core.wire import Verdict, valid_name
 from inspectd.storage.files import fsync_dir, write_atomic
 
 log = structlog.get_logger("inspectd.images")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import structlog
 
-from inspectd.daemon.protocol import FrameHeader, ProtocolError, Verdict
+from inspectd.core.wire import FrameHeader, ProtocolError, Verdict
 from inspectd.storage.audit import Item, decode_row, encode_row
 from inspectd.storage.files import fsync_dir
 

@@ -28,7 +28,7 @@ import structlog
 from sqlalchemy import Engine, Row, Select, and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
-from inspectd.daemon.protocol import UNKNOWN_SKU
+from inspectd.core.wire import UNKNOWN_SKU
 from inspectd.storage.db import StorageError, existing_database, safe_url
 from inspectd.storage.schema import labels, verdicts
 

@@ -14,7 +14,7 @@ the reason; a setting the device refuses raises SourceError.
 
 from __future__ import annotations
 
-from inspectd.daemon.config import AravisCamera, FolderCamera, OpenCVCamera, PylonCamera
+from inspectd.core.config import AravisCamera, FolderCamera, OpenCVCamera, PylonCamera
 from inspectd.daemon.sources.base import Capture, Source, SourceError
 
 __all__ = ["Capture", "Source", "SourceError", "open_source"]

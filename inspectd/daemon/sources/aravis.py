@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from inspectd.daemon.config import AravisCamera
+from inspectd.core.config import AravisCamera
 from inspectd.daemon.sources.base import (
     Capture,
     Lost,

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import structlog
 
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
 
 log = structlog.get_logger("inspectd.sources")
 

@@ -26,8 +26,8 @@ import numpy as np
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
-from inspectd.daemon.config import FolderCamera
-from inspectd.daemon.protocol import ProtocolError, valid_name
+from inspectd.core.config import FolderCamera
+from inspectd.core.wire import ProtocolError, valid_name
 from inspectd.daemon.sources.base import Capture, Lost, SourceBase, SourceError, as_pixels
 
 QUEUE_SIZE = 1024

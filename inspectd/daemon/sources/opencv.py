@@ -12,7 +12,7 @@ from pathlib import Path
 
 import cv2
 
-from inspectd.daemon.config import OpenCVCamera
+from inspectd.core.config import OpenCVCamera
 from inspectd.daemon.sources.base import (
     Capture,
     Lost,

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from inspectd.daemon.config import PylonCamera
+from inspectd.core.config import PylonCamera
 from inspectd.daemon.sources.base import (
     Capture,
     Lost,

@@ -1,5 +1,8 @@
 """The line configuration (`inspectd run -c /etc/inspectd/inspectd.yaml`), strict like all settings.
 
+One document for every role and tool of a host: acquisition, worker and sink read their
+sections, so do the audit commands (`sink.database`), the image store (`sink.images`) and
+refit (`refit`); it lives in `core` so none of them imports another to read its settings.
 Cameras are a discriminated union on `type`; every section forbids unknown keys, and
 `inspectd validate-config` names the offending key. Endpoints default to ipc sockets under
 `run_dir` (or loopback tcp); nothing binds a public interface unless configured to.
@@ -14,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from inspectd.daemon.protocol import ProtocolError, valid_name
-from inspectd.settings import InspectdSettings, Section
+from inspectd.core.settings import InspectdSettings, Section
+from inspectd.core.wire import ProtocolError, valid_name
 
 
 def _name(v: str, what: str) -> str:

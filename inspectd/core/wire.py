@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from inspectd.errors import InspectdError
+from inspectd.core.errors import InspectdError
 
 VERSION = 1
 FRAME, ANNOUNCE, VERDICT = b"frame", b"announce", b"verdict"

@@ -1,0 +1,98 @@
+"""The model library's settings: everything `inspectd fit` needs; they travel into the
+artifact's manifest. Documented defaults: `configs/models/{patchcore,padim,orthoad}.yaml`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from inspectd.core.settings import InspectdSettings, Section
+
+ModelKind = Literal["patchcore", "padim", "orthoad"]
+BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"]
+
+
+class BackboneSettings(Section):
+    name: BackboneName = Field("efficientnet_lite0", description="feature extractor")
+    layers: list[str] | None = Field(
+        None, description="layers to extract; null = the backbone's default for the model kind"
+    )
+    weights: Path | None = Field(
+        None,
+        description="ImageNet weights file; null = the packaged file (EfficientNet-Lite0) or "
+        "torch's hub cache checkpoints dir (torchvision models). Never downloaded.",
+    )
+
+
+class PreprocessSettings(Section):
+    resize: int | tuple[int, int] = Field(256, description="resize to S×S, or [H, W]")
+    crop: int | tuple[int, int] | None = Field(None, description="centre crop after resize")
+    keep_aspect: bool = Field(
+        False, description="resize the longer side to `resize` and pad, keeping aspect ratio"
+    )
+    tile: int | None = Field(
+        None, description="score the resized image as overlapping tile×tile crops, stitched"
+    )
+    tile_overlap: float = Field(0.25, ge=0.0, lt=0.9, description="fraction of tile overlap")
+
+
+class PatchCoreSettings(Section):
+    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="memory bank fraction kept")
+    coreset_max: int | None = Field(None, gt=0, description="cap on memory bank rows")
+    coreset_proj_dim: int = Field(128, gt=0, description="random projection dim for greedy")
+    target_dim: int = Field(1024, gt=0, description="feature dim (channel pooling above it)")
+    neighbourhood: int = Field(3, ge=1, description="local aggregation window (patch size)")
+    num_neighbours: int = Field(9, ge=1, description="bank neighbours for score reweighting")
+    image_score: Literal["max", "topk"] = Field("max", description="patch score reduction")
+    topk: int = Field(10, ge=1, description="patches averaged when image_score=topk")
+
+
+class PadimSettings(Section):
+    channels: int | None = Field(
+        None, gt=0, description="embedding dim d (random subset for padim, k of W for orthoad); "
+        "null = 100 for efficientnet_lite0/resnet18, 550 padim / 300 orthoad for larger nets"
+    )
+    eps: float = Field(0.01, gt=0.0, description="covariance regularisation (× identity)")
+    fp16: bool = Field(True, description="store inverse covariances as float16")
+
+
+class ScoringSettings(Section):
+    sigma: float = Field(4.0, ge=0.0, description="Gaussian smoothing of the anomaly map (px)")
+
+
+class CalibrationSettings(Section):
+    holdout: float = Field(0.1, gt=0.0, lt=0.5, description="OK images held out to calibrate")
+    min_holdout: int = Field(3, ge=1, description="at least this many held-out OK images")
+    quantile: float = Field(0.99, gt=0.0, le=1.0, description="held-out OK score quantile")
+    margin: float = Field(0.05, ge=0.0, description="threshold = quantile × (1 + margin)")
+    pixel_quantile: float = Field(0.999, gt=0.0, le=1.0, description="OK pixel quantile")
+    bf16_tolerance: float = Field(
+        0.02, gt=0.0, description="max |score_bf16 − score_fp32| / threshold to allow bf16"
+    )
+
+
+class RuntimeSettings(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda if present")
+    channels_last: bool = Field(True, description="channels-last memory format on CPU")
+    batch_size: int = Field(8, ge=1, description="images per forward pass")
+
+
+class ModelSettings(InspectdSettings):
+    """Everything `inspectd fit` needs; it travels into the artifact's manifest."""
+
+    kind: ModelKind = Field("patchcore", description="anomaly model")
+    seed: int = Field(0, description="seed for sampling, projections and the OK split")
+    backbone: BackboneSettings = BackboneSettings()
+    preprocess: PreprocessSettings = PreprocessSettings()
+    patchcore: PatchCoreSettings = PatchCoreSettings()
+    padim: PadimSettings = PadimSettings()
+    scoring: ScoringSettings = ScoringSettings()
+    calibration: CalibrationSettings = CalibrationSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
