@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from inspectd.models.coreset import (  # noqa: E402
+from inspectd.models.patchcore.coreset import (  # noqa: E402
     ApproximateGreedyCoreset,
     ExactGreedyCoreset,
     RandomSampler,

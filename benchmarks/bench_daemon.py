@@ -120,8 +120,8 @@ def write_video(path: Path, images: list[Path]) -> None:
 def prepare(plan: Plan) -> tuple[Path, Path, int]:
     """Synthetic data (once), the video, a fitted artifact; (artifact, video, frames in it)."""
     from inspectd.models import fit
+    from inspectd.models.datasets.synthetic import generate
     from inspectd.models.settings import ModelSettings
-    from inspectd.models.synthetic import generate
 
     params = {"n_train": plan.n_train, "n_test_good": plan.n_test_good,
               "n_test_defect": plan.n_test_defect, "size": 256}

@@ -146,9 +146,9 @@ def prepare(plan: Plan) -> dict[str, Any]:
     from inspectd.core.config import ImageSettings
     from inspectd.core.wire import Verdict
     from inspectd.models import fit, load
+    from inspectd.models.datasets.synthetic import generate
     from inspectd.models.registry import publish
     from inspectd.models.settings import ModelSettings
-    from inspectd.models.synthetic import generate
     from inspectd.storage import queries
     from inspectd.storage.audit import AuditLog
     from inspectd.storage.images import ImageStore

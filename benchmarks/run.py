@@ -105,7 +105,7 @@ def summary(values: list[float], scale: float = 1.0) -> dict[str, float]:
 
 def ensure_synthetic(plan: Plan) -> None:
     """Generates the synthetic set once; a stamp with its parameters marks it reusable."""
-    from inspectd.models.synthetic import generate
+    from inspectd.models.datasets.synthetic import generate
 
     params = {"categories": list(SYNTH), "n_train": plan.n_train, "n_test_good": plan.n_test_good,
               "n_test_defect": plan.n_test_defect, "size": 256}
@@ -204,7 +204,7 @@ def timed_predict(dets: dict, batch_size: int, calls: list[list], warmup: int = 
 
 def models_worker(kind: str, plan: Plan) -> dict[str, Any]:
     from inspectd.core.imaging import read_image
-    from inspectd.models.data import test_samples
+    from inspectd.models.datasets.mvtec import test_samples
 
     res: dict[str, Any] = {"kind": kind}
     dets = {}
@@ -454,7 +454,7 @@ def models_md(res: dict[str, Any], plan: Plan, notes: list[str]) -> str:
     return "\n".join([
         "## Models on synthetic data (EfficientNet-Lite0, 256×256)",
         "",
-        f"`inspectd.models.synthetic.generate({plan.data.relative_to(ROOT)}, ('texture', "
+        f"`inspectd.models.datasets.synthetic.generate({plan.data.relative_to(ROOT)}, ('texture', "
         "'object'), "
         f"n_train={plan.n_train}, n_test_good={plan.n_test_good}, "
         f"n_test_defect={plan.n_test_defect}, size=256)`. Each kind runs in its own process. "

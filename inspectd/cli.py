@@ -91,7 +91,7 @@ def fit(
 ) -> None:
     """Fit a model on CATEGORY/train/good and write a calibrated artifact (--out), and/or
     publish it straight into a line's registry as the SKU's current version (--sku, --line)."""
-    from inspectd.models.data import resolve_categories, train_samples
+    from inspectd.models.datasets.mvtec import resolve_categories, train_samples
     from inspectd.models.fitting import fit as fit_detector
     from inspectd.models.settings import ModelSettings
 
@@ -158,14 +158,14 @@ def eval_cmd(
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Image AUROC, pixel AUROC, PRO (AUPRO ≤ 30% FPR) and F1-max on CATEGORY/test."""
-    from inspectd.models.artifact import load_artifact
-    from inspectd.models.data import resolve_categories
+    from inspectd.models.datasets.mvtec import resolve_categories
+    from inspectd.models.detector import load_detector
     from inspectd.models.evaluate import KEYS, evaluate, mean_metrics
 
     cats = resolve_categories(data, category)
     results = []
     for cat in cats:
-        det = load_artifact(_artifact_for(artifact, cat, len(cats) > 1), device, precision)
+        det = load_detector(_artifact_for(artifact, cat, len(cats) > 1), device, precision)
         with progress_bars(not as_json) as bar:
             results.append(evaluate(det, data, cat, save_pic, lambda d, t, c=cat: bar(c, d, t)))
     mean = mean_metrics(results)
@@ -206,11 +206,10 @@ def predict(
     precision: PrecisionOpt = "auto",
 ) -> None:
     """Score images: score, threshold and verdict (OK/NG) per image."""
-    from inspectd.models.artifact import load_artifact
-    from inspectd.models.data import expand_image_paths
-    from inspectd.models.detector import batched
+    from inspectd.models.datasets.mvtec import expand_image_paths
+    from inspectd.models.detector import batched, load_detector
 
-    det = load_artifact(artifact, device, precision)
+    det = load_detector(artifact, device, precision)
     paths = expand_image_paths(images)
     names = _picture_names(paths)
     rows = []
@@ -241,7 +240,7 @@ def data_check(
     as_json: JsonOpt = False,
 ) -> None:
     """Counts per split and defect, image sizes, mask problems, unreadable files."""
-    from inspectd.models.data import check_dataset, resolve_categories
+    from inspectd.models.datasets.mvtec import check_dataset, resolve_categories
 
     reports = check_dataset(root, resolve_categories(root, category))
     if as_json:
@@ -282,7 +281,7 @@ def data_synth(
     seed: int = 0,
 ) -> None:
     """Generate a synthetic MVTec-layout data set with exact defect masks."""
-    from inspectd.models.synthetic import generate
+    from inspectd.models.datasets.synthetic import generate
 
     cats = [c.strip() for c in categories.split(",") if c.strip()]
     generate(out_root, cats, n_train=n_train, n_test_good=n_test_good,

@@ -237,7 +237,7 @@ def refit(
     """Fit a candidate on the line's OK frames, gate it, and (unless a dry run) save it as a
     new version, made current only when every gate passes; a rejected candidate is kept,
     marked rejected in its refit.json, for review."""
-    from inspectd.models.artifact import load_artifact
+    from inspectd.models.detector import load_detector
     from inspectd.models.fitting import fit
     from inspectd.models.registry import (
         REFIT_RECORD,
@@ -288,7 +288,7 @@ def refit(
             staged = det.save(Path(tmp) / "candidate")
             del det
             # Gate what the line will run: the saved artifact, on the worker's device/precision.
-            cand = load_artifact(staged, s.worker.device, s.worker.precision)
+            cand = load_detector(staged, s.worker.device, s.worker.precision)
             gates = _gates(s, cand, previous, gate_set, ng, progress)
             result = RefitResult(
                 sku=sku, dry_run=dry_run, previous=previous and previous[0], version=None,
@@ -327,7 +327,7 @@ def refit(
 def _gates(s: LineSettings, cand: Detector, previous: tuple[str, Path] | None,
            gate_set: Sequence[queries.AuditedFrame], ng: Sequence[queries.AuditedFrame],
            progress: Progress | None) -> list[Gate]:
-    from inspectd.models.artifact import load_artifact
+    from inspectd.models.detector import load_detector
 
     step = progress or (lambda *_: None)
     step("gates", 0, 3)
@@ -339,7 +339,7 @@ def _gates(s: LineSettings, cand: Detector, previous: tuple[str, Path] | None,
     step("gates", 2, 3)
     current_ratios = None
     if previous is not None:
-        cur = load_artifact(previous[1], s.worker.device, s.worker.precision)
+        cur = load_detector(previous[1], s.worker.device, s.worker.precision)
         current_ratios = list(_scores(cur, paths) / cur.threshold)
     step("gates", 3, 3)
     return [

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from inspectd.models.synthetic import generate
+from inspectd.models.datasets.synthetic import generate
 
 
 @pytest.fixture(scope="session")

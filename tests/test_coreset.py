@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from inspectd.core.errors import ConfigError, DataError
-from inspectd.models.coreset import (
+from inspectd.models.patchcore.coreset import (
     ApproximateGreedyCoreset,
     ExactGreedyCoreset,
     IdentitySampler,

@@ -10,7 +10,7 @@ import pytest
 
 from inspectd.core.errors import DataError
 from inspectd.core.imaging import read_image, read_mask
-from inspectd.models.data import (
+from inspectd.models.datasets.mvtec import (
     check_dataset,
     expand_image_paths,
     list_categories,
@@ -18,7 +18,7 @@ from inspectd.models.data import (
     test_samples,
     train_samples,
 )
-from inspectd.models.synthetic import generate
+from inspectd.models.datasets.synthetic import generate
 
 
 def _write(path: Path, img: np.ndarray) -> Path:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from inspectd.core.errors import ConfigError, DataError
-from inspectd.models.knn import NearestNeighbourIndex
+from inspectd.models.patchcore.knn import NearestNeighbourIndex
 
 faiss = pytest.importorskip("faiss")
 
@@ -47,7 +47,7 @@ def test_numpy_and_float16_inputs() -> None:
 
 
 def test_auto_picks_faiss_else_torch(monkeypatch: pytest.MonkeyPatch) -> None:
-    import inspectd.models.knn as knn
+    import inspectd.models.patchcore.knn as knn
 
     assert NearestNeighbourIndex().backend == "faiss"
     assert NearestNeighbourIndex("torch").backend == "torch"
@@ -58,7 +58,7 @@ def test_auto_picks_faiss_else_torch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_torch_backend_chunks_queries(monkeypatch: pytest.MonkeyPatch) -> None:
-    import inspectd.models.knn as knn
+    import inspectd.models.patchcore.knn as knn
 
     bank, queries = _data(2000, 333, 16)
     whole = NearestNeighbourIndex("torch").fit(bank).search(queries, 4)

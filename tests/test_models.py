@@ -12,7 +12,7 @@ from sklearn.metrics import f1_score
 from inspectd.core.imaging import read_image
 from inspectd.core.settings import load_settings
 from inspectd.models import fit, load
-from inspectd.models.data import test_samples, train_samples
+from inspectd.models.datasets.mvtec import test_samples, train_samples
 from inspectd.models.metrics import f1_max
 from inspectd.models.settings import ModelSettings
 

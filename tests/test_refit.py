@@ -17,6 +17,7 @@ from inspectd.core.resources import host_cores
 from inspectd.core.settings import load_settings
 from inspectd.core.wire import UNKNOWN_SKU, Verdict
 from inspectd.models import load
+from inspectd.models.datasets.synthetic import generate
 from inspectd.models.registry import (
     current_version,
     list_versions,
@@ -25,7 +26,6 @@ from inspectd.models.registry import (
     read_history,
     refit_record,
 )
-from inspectd.models.synthetic import generate
 from inspectd.refit import (
     RefitError,
     false_reject_gate,

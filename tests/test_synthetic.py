@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from inspectd.core.errors import InspectdError
-from inspectd.models.synthetic import CATEGORIES, generate
+from inspectd.models.datasets.synthetic import CATEGORIES, generate
 
 SMALL = {"n_train": 3, "n_test_good": 2, "n_test_defect": 5, "size": 96}
 

@@ -1,13 +1,16 @@
 """The anomaly-model library: fit, save, load, predict, evaluate.
 
-    from inspectd.models import fit, load
+    from inspectd.models import ModelSettings, fit, load
     det = fit("bottle/train/good", ModelSettings(kind="patchcore"))
     det.save("models/bottle/v1")
     pred = load("models/bottle/v1").predict(["part.png"])[0]   # also numpy RGB arrays
     print(pred, pred.as_dict()); pred.save(Path("out"), "part")
 
 Importing this package loads inference code only; `fit` pulls in the fitting code when
-called, so the daemon's scorer never imports training modules.
+called, so the daemon's scorer never imports training modules. Layout: shared machinery
+here (features, preprocess, detector, artifact, calibration, fitting, metrics, evaluate),
+one folder per model kind (`patchcore/`, `padim/`, registered in `kinds`), data sets in
+`datasets/`.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inspectd.models.artifact import load_artifact as load
 from inspectd.models.detector import Detector, Prediction
+from inspectd.models.detector import load_detector as load
+from inspectd.models.settings import ModelSettings
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from inspectd.models.settings import ModelSettings
-
-__all__ = ["Detector", "Prediction", "fit", "load"]
+__all__ = ["Detector", "ModelSettings", "Prediction", "fit", "load"]
 
 
 def fit(

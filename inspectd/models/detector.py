@@ -1,4 +1,5 @@
-"""Inference: images in, one `Prediction` (score, verdict, anomaly map, mask) per image out.
+"""Inference: images in, one `Prediction` (score, verdict, anomaly map, mask) per image out,
+and a detector saved to or loaded from its artifact.
 
 This is the side of `inspectd.models` the daemon imports: it needs a loaded model and a
 backbone, never the fitting code.
@@ -17,10 +18,23 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
+import inspectd
 from inspectd.core import imaging
+from inspectd.core.errors import ArtifactError
 from inspectd.core.imaging import read_image
-from inspectd.models.features import FeatureExtractor, Runtime
+from inspectd.models import artifact
+from inspectd.models.features import (
+    FeatureExtractor,
+    Runtime,
+    build_extractor,
+    file_sha256,
+    resolve_weights,
+)
+from inspectd.models.kinds import KINDS
 from inspectd.models.preprocess import Geometry, Placement, split_tiles, stitch, to_tensor
+from inspectd.models.settings import PreprocessSettings
+
+ImageInput = np.ndarray | str | Path
 
 
 class AnomalyModel(Protocol):
@@ -85,7 +99,7 @@ def batched(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[i : i + size]
 
 
-def load_images(items: Sequence[np.ndarray | str | Path]) -> list[np.ndarray]:
+def load_images(items: Sequence[ImageInput]) -> list[np.ndarray]:
     return [read_image(Path(i)) if isinstance(i, str | Path) else _as_rgb(i) for i in items]
 
 
@@ -130,6 +144,10 @@ class Detector:
     def kind(self) -> str:
         return self.model.kind
 
+    def canvases(self, items: Sequence[ImageInput]) -> list[np.ndarray]:
+        """Images (paths or RGB arrays) placed on the model's canvas."""
+        return [self.geometry.image_to_canvas(img)[0] for img in load_images(items)]
+
     def features(self, canvases: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
         """Backbone features of the canvases' tiles (image-major), float32 on the CPU."""
         x = torch.stack([to_tensor(c, self.mean, self.std) for c in canvases])
@@ -173,7 +191,7 @@ class Detector:
         return np.concatenate(scores), np.concatenate(maps), places
 
     def predict(
-        self, items: Sequence[np.ndarray | str | Path], keep_image: bool = True
+        self, items: Sequence[ImageInput], keep_image: bool = True
     ) -> list[Prediction]:
         """Score images given as RGB arrays (HxWx3 uint8, or HxW gray) or file paths."""
         out: list[Prediction] = []
@@ -191,12 +209,59 @@ class Detector:
         return out
 
     def save(self, directory: Path) -> Path:
-        from inspectd.models.artifact import save_artifact
-
-        return save_artifact(self, directory)
+        """Write the artifact: tensors to safetensors, everything else to the manifest."""
+        tensors = {k: v.contiguous() for k, v in self.model.tensors().items()}
+        manifest = dict(self.manifest)
+        manifest.update(
+            format=artifact.FORMAT,
+            inspectd_version=inspectd.__version__,
+            kind=self.kind,
+            model=self.model.params,
+            threshold={**manifest.get("threshold", {}),
+                       "image": self.threshold, "pixel": self.pixel_threshold},
+            tensors=artifact.tensor_specs(tensors),
+        )
+        return artifact.write_artifact(directory, tensors, manifest)
 
     @classmethod
     def load(cls, directory: Path, **kwargs: Any) -> Detector:
-        from inspectd.models.artifact import load_artifact
+        return load_detector(directory, **kwargs)
 
-        return load_artifact(directory, **kwargs)
+
+def load_detector(
+    directory: Path,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    weights: Path | None = None,
+    batch_size: int | None = None,
+) -> Detector:
+    """Rebuild a detector; scores equal the in-memory model's bit for bit (same precision)."""
+    manifest = artifact.read_manifest(directory)
+    tensors = artifact.read_tensors(directory, manifest)
+    bb = manifest["backbone"]
+    path = resolve_weights(bb["name"], weights)
+    digest = file_sha256(path)
+    if digest != bb["weights_sha256"]:
+        raise ArtifactError(
+            f"{path}: backbone weights differ from the ones this model was fitted with "
+            f"(sha256 {digest[:12]}…, expected {bb['weights_sha256'][:12]}…)"
+        )
+    extractor = build_extractor(bb["name"], bb["layers"], path)
+    if precision == "auto":
+        bf16 = bool(manifest.get("precision", {}).get("bf16_ok", False))
+    else:
+        bf16 = precision == "bf16"
+    rt = manifest.get("settings", {}).get("runtime", {})
+    runtime = Runtime.select(device, bf16, bool(rt.get("channels_last", True)))
+    model = KINDS[manifest["kind"]].model.from_tensors(tensors, manifest["model"], backend)
+    return Detector(
+        model, extractor, runtime,
+        Geometry.from_settings(PreprocessSettings(**manifest["geometry"])),
+        manifest["normalization"]["mean"], manifest["normalization"]["std"],
+        float(manifest["scoring"]["sigma"]),
+        batch_size=batch_size or int(rt.get("batch_size", 8)),
+        threshold=float(manifest["threshold"]["image"]),
+        pixel_threshold=float(manifest["threshold"]["pixel"]),
+        manifest=manifest,
+    )

@@ -12,7 +12,7 @@ import numpy as np
 from inspectd.core.errors import DataError
 from inspectd.core.imaging import read_mask
 from inspectd.models import metrics
-from inspectd.models.data import test_samples
+from inspectd.models.datasets.mvtec import test_samples
 from inspectd.models.detector import Detector, Prediction, batched, load_images
 
 

@@ -9,7 +9,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from inspectd.core.settings import InspectdSettings, Section
+from inspectd.models.padim.settings import PadimSettings
+from inspectd.models.patchcore.settings import PatchCoreSettings
 
+# The kinds `models.kinds.KINDS` registers (a test keeps the two lists equal).
 ModelKind = Literal["patchcore", "padim", "orthoad"]
 BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"]
 
@@ -36,26 +39,6 @@ class PreprocessSettings(Section):
         None, description="score the resized image as overlapping tile×tile crops, stitched"
     )
     tile_overlap: float = Field(0.25, ge=0.0, lt=0.9, description="fraction of tile overlap")
-
-
-class PatchCoreSettings(Section):
-    coreset_ratio: float = Field(0.1, gt=0.0, le=1.0, description="memory bank fraction kept")
-    coreset_max: int | None = Field(None, gt=0, description="cap on memory bank rows")
-    coreset_proj_dim: int = Field(128, gt=0, description="random projection dim for greedy")
-    target_dim: int = Field(1024, gt=0, description="feature dim (channel pooling above it)")
-    neighbourhood: int = Field(3, ge=1, description="local aggregation window (patch size)")
-    num_neighbours: int = Field(9, ge=1, description="bank neighbours for score reweighting")
-    image_score: Literal["max", "topk"] = Field("max", description="patch score reduction")
-    topk: int = Field(10, ge=1, description="patches averaged when image_score=topk")
-
-
-class PadimSettings(Section):
-    channels: int | None = Field(
-        None, gt=0, description="embedding dim d (random subset for padim, k of W for orthoad); "
-        "null = 100 for efficientnet_lite0/resnet18, 550 padim / 300 orthoad for larger nets"
-    )
-    eps: float = Field(0.01, gt=0.0, description="covariance regularisation (× identity)")
-    fp16: bool = Field(True, description="store inverse covariances as float16")
 
 
 class ScoringSettings(Section):

@@ -25,18 +25,6 @@ def embed_positions(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> to
     )
 
 
-def projection(kind: str, dim: int, k: int, seed: int) -> torch.Tensor:
-    """D×k embedding matrix: unit columns (padim) or a semi-orthogonal W (orthoad)."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "padim":
-        idx = torch.randperm(dim, generator=g)[:k].sort().values
-        w = torch.zeros(dim, k)
-        w[idx, torch.arange(k)] = 1.0
-        return w
-    q, r = torch.linalg.qr(torch.randn(dim, k, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes Q unique
-
-
 class Padim:
     smoothed_image_score = True  # PaDiM takes the max of the smoothed anomaly map
 

@@ -1,7 +1,7 @@
 """PatchCore inference (Roth et al., "Towards Total Recall in Industrial Anomaly Detection").
 
 Patch features from two backbone layers, locally aggregated, scored by the distance to the
-nearest patch in a memory bank of OK patches. Building the bank lives in `fitting`.
+nearest patch in a memory bank of OK patches. Building the bank lives in `fit`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from inspectd.models.knn import NearestNeighbourIndex
+from inspectd.models.patchcore.knn import NearestNeighbourIndex
 
 
 def embed_patches(

@@ -1,0 +1,80 @@
+"""Calibration from OK images: the held-out split, the image and pixel thresholds, and the
+bf16 check. The thresholds travel inside the artifact, never in a config file.
+
+The OK set is split: most images build the model, the held-out rest sets the thresholds
+(a quantile of their scores with a margin, or F1-optimal when NG images are given).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import structlog
+
+from inspectd.core.errors import DataError
+from inspectd.models.detector import Detector, ImageInput, load_images
+from inspectd.models.features import Runtime
+from inspectd.models.metrics import f1_max
+from inspectd.models.settings import ModelSettings
+
+log = structlog.get_logger("inspectd.fit")
+
+
+def split_ok(n: int, settings: ModelSettings) -> tuple[np.ndarray, np.ndarray]:
+    cal = settings.calibration
+    n_hold = max(cal.min_holdout, round(cal.holdout * n))
+    if n - n_hold < 1:
+        raise DataError(
+            f"need more than {n_hold} OK images to fit and calibrate, got {n} "
+            "(lower calibration.min_holdout to calibrate on fewer)"
+        )
+    perm = np.random.default_rng(settings.seed).permutation(n)
+    return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def calibrate(
+    det: Detector, holdout: Sequence[ImageInput], ng: Sequence[ImageInput], s: ModelSettings
+) -> dict[str, Any]:
+    cal = s.calibration
+    ok_scores, ok_maps, _ = det.score_images(load_images(holdout))
+    q = float(np.quantile(ok_scores, cal.quantile))
+    det.threshold = q * (1.0 + cal.margin)
+    method = f"quantile {cal.quantile} of {len(ok_scores)} held-out OK scores × (1 + {cal.margin})"
+    ng_scores = None
+    if len(ng):
+        ng_scores, _, _ = det.score_images(load_images(ng))
+        labels = np.r_[np.zeros(len(ok_scores)), np.ones(len(ng_scores))]
+        both = np.r_[ok_scores, ng_scores]
+        f1, t = f1_max(labels, both)
+        # F1-max puts the threshold on the lowest NG score it keeps; halfway down to the next
+        # lower score keeps the same verdicts with a margin on both sides (a bf16 run, a
+        # slightly different camera frame must not flip that NG to OK).
+        below = both[both < t]
+        det.threshold = float((t + below.max()) / 2 if below.size else t)
+        method = f"F1-optimal on {len(ok_scores)} held-out OK and {len(ng_scores)} NG (F1 {f1:.3f})"
+    det.pixel_threshold = float(np.quantile(ok_maps, cal.pixel_quantile)) * (1.0 + cal.margin)
+
+    # bf16 autocast is a large CPU speed-up (AMX); allow it only where scores barely move.
+    precision = {"bf16_ok": False, "bf16_max_rel_dev": None}
+    fp32_runtime = det.runtime
+    det.runtime = Runtime(fp32_runtime.device, True, fp32_runtime.channels_last)
+    try:
+        bf_scores, _, _ = det.score_images(load_images(holdout))
+        dev = float(np.max(np.abs(bf_scores - ok_scores)) / max(det.threshold, 1e-12))
+        precision = {"bf16_ok": dev <= cal.bf16_tolerance, "bf16_max_rel_dev": dev}
+    except RuntimeError as e:  # no bf16 kernels on this device
+        log.warning("bf16 check failed", error=str(e))
+    finally:
+        det.runtime = fp32_runtime
+    return {
+        "threshold": {"image": det.threshold, "pixel": det.pixel_threshold, "method": method,
+                      "quantile": cal.quantile, "margin": cal.margin,
+                      "pixel_quantile": cal.pixel_quantile},
+        "calibration": {
+            "heldout_ok_scores": [float(v) for v in ok_scores],
+            "ng_scores": None if ng_scores is None else [float(v) for v in ng_scores],
+        },
+        "precision": precision,
+    }

@@ -1,0 +1,36 @@
+"""The model kinds, one line each: its inference class and the module that fits it.
+
+A kind is one folder (`patchcore/`, `padim/`): `model.py` scores (`from_tensors`, `embed`,
+`patch_scores`, `tensors`), `fit.py` has `fit_model(detector, images, layers, settings,
+progress)`. The fit module is named, not imported, so loading and scoring a model (the
+daemon's worker) never imports fitting code. Adding a kind: its folder, its line here, its
+name in `settings.ModelKind` and its settings section in `settings.ModelSettings`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from inspectd.models.padim.model import Padim
+from inspectd.models.patchcore.model import PatchCore
+
+
+@dataclass(frozen=True)
+class Kind:
+    model: type  # inference: from_tensors(tensors, params, backend) rebuilds a fitted model
+    fit: str  # module with fit_model(), imported only when fitting
+
+
+KINDS: dict[str, Kind] = {
+    "patchcore": Kind(PatchCore, "inspectd.models.patchcore.fit"),
+    "padim": Kind(Padim, "inspectd.models.padim.fit"),
+    "orthoad": Kind(Padim, "inspectd.models.padim.fit"),
+}
+
+
+def fitter(kind: str) -> Callable[..., Any]:
+    """The kind's `fit_model`."""
+    return importlib.import_module(KINDS[kind].fit).fit_model

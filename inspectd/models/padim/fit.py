@@ -1,0 +1,68 @@
+"""Fitting PaDiM and OrthoAD: the embedding matrix and a Gaussian per position (imported
+only when fitting)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from inspectd.core.errors import DataError
+from inspectd.models.detector import Detector, ImageInput, batched
+from inspectd.models.fitting import Progress
+from inspectd.models.padim.model import Padim, embed_positions
+from inspectd.models.settings import ModelSettings
+
+
+def projection(kind: str, dim: int, k: int, seed: int) -> torch.Tensor:
+    """D×k embedding matrix: unit columns (padim) or a semi-orthogonal W (orthoad)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "padim":
+        idx = torch.randperm(dim, generator=g)[:k].sort().values
+        w = torch.zeros(dim, k)
+        w[idx, torch.arange(k)] = 1.0
+        return w
+    q, r = torch.linalg.qr(torch.randn(dim, k, generator=g, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()  # sign fix makes Q unique
+
+
+def _params(s: ModelSettings, layers: list[str]) -> dict[str, Any]:
+    k = s.padim.channels
+    if k is None:
+        small = s.backbone.name in ("efficientnet_lite0", "resnet18")
+        k = 100 if small else (550 if s.kind == "padim" else 300)
+    return {"kind": s.kind, "layers": layers, "channels": k, "eps": s.padim.eps,
+            "fp16": s.padim.fp16}
+
+
+def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: ModelSettings,
+              progress: Progress) -> Padim:
+    """One Gaussian per feature-map position, from running sums over the OK images."""
+    params = _params(s, layers)
+    h, w = det.geometry.input_size
+    probe = embed_positions(det.extractor.dry_run(h, w), params["layers"])
+    _, dim, ph, pw = probe.shape
+    k = params["channels"]
+    if k > dim:
+        raise DataError(f"padim.channels={k} exceeds the {dim} feature channels of these layers")
+    wmat = projection(params["kind"], dim, k, s.seed)
+    pos = ph * pw
+    s1 = torch.zeros(pos, k, dtype=torch.float64)
+    s2 = torch.zeros(pos, k, k, dtype=torch.float64)
+    count = 0
+    for i, chunk in enumerate(batched(items, det.batch_size)):
+        x = embed_positions(det.features(det.canvases(chunk)), params["layers"])
+        e = torch.einsum("bdhw,dk->bkhw", x, wmat).flatten(2).permute(2, 0, 1).double()  # P,B,k
+        s1 += e.sum(1)
+        s2 += torch.einsum("pbk,pbl->pkl", e, e)
+        count += e.shape[1]
+        progress("features", min((i + 1) * det.batch_size, len(items)), len(items))
+    if count < 2:
+        raise DataError("PaDiM needs at least 2 OK images (or tiles) to estimate covariances")
+    mean = s1 / count
+    cov = (s2 - count * torch.einsum("pk,pl->pkl", mean, mean)) / (count - 1)
+    cov += s.padim.eps * torch.eye(k, dtype=torch.float64)
+    inv = torch.linalg.inv(cov)
+    inv = inv.half() if s.padim.fp16 else inv.float()
+    return Padim(wmat, mean.float(), inv, params)
