@@ -305,7 +305,7 @@ class ServiceManager:
 
 def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]:
     """One fresh `inspectd run` at `fps` offered frames/s; its audit rows and PLC writes."""
-    from inspectd.models.registry import publish
+    from inspectd.lifecycle.registry import publish
 
     work = plan.work / name
     work.mkdir(parents=True)

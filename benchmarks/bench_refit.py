@@ -145,9 +145,9 @@ def prepare(plan: Plan) -> dict[str, Any]:
         return info
     from inspectd.core.config import ImageSettings
     from inspectd.core.wire import Verdict
+    from inspectd.lifecycle.registry import publish
     from inspectd.models import fit, load
     from inspectd.models.datasets.synthetic import generate
-    from inspectd.models.registry import publish
     from inspectd.models.settings import ModelSettings
     from inspectd.storage import queries
     from inspectd.storage.audit import AuditLog

@@ -128,7 +128,7 @@ def _fit_into_registry(det: Any, line: Path, sku: str) -> Path:
     import tempfile
 
     from inspectd.core.config import LineSettings
-    from inspectd.models.registry import publish, sku_dir
+    from inspectd.lifecycle.registry import publish, sku_dir
 
     models_dir = load_settings(LineSettings, line).models_dir
     base = sku_dir(models_dir, sku)
@@ -367,7 +367,7 @@ def models_publish(
     """Copy an artifact into data_dir/models/<sku>/<version> and make it current; a running
     worker picks it up at its next batch for that SKU."""
     from inspectd.core.config import LineSettings
-    from inspectd.models.registry import publish
+    from inspectd.lifecycle.registry import publish
 
     s = load_settings(LineSettings, config, override or [])
     v = publish(artifact, s.models_dir, sku, version)
@@ -397,7 +397,7 @@ def _since(since: str | None) -> Any:
 def models_list(sku: SkuOpt, config: LineOpt = None, as_json: JsonOpt = False,
                 override: OverrideOpt = None) -> None:
     """The SKU's versions, oldest first: current, kind, threshold, training set, refit gates."""
-    from inspectd.models.registry import list_versions
+    from inspectd.lifecycle.registry import list_versions
 
     versions = list_versions(_line(config, override).models_dir, sku)
     if as_json:
@@ -423,8 +423,8 @@ def models_show(
     override: OverrideOpt = None,
 ) -> None:
     """A version's manifest in brief: model, thresholds, bf16, training set, metrics, gates."""
+    from inspectd.lifecycle.registry import current_version, refit_record, sku_dir
     from inspectd.models.artifact import read_manifest
-    from inspectd.models.registry import current_version, refit_record, sku_dir
 
     models_dir = _line(config, override).models_dir
     if version is None:
@@ -473,7 +473,7 @@ def models_promote(
     override: OverrideOpt = None,
 ) -> None:
     """Make VERSION current (an atomic link swap; a running worker switches between batches)."""
-    from inspectd.models.registry import promote
+    from inspectd.lifecycle.registry import promote
 
     previous = promote(_line(config, override).models_dir, sku, version, force=force)
     out.print(f"{sku}: {version} is current (was {previous or 'none'})")
@@ -482,7 +482,7 @@ def models_promote(
 @models_app.command("rollback")
 def models_rollback(sku: SkuOpt, config: LineOpt = None, override: OverrideOpt = None) -> None:
     """Back to the version that was current before this one (repeat to go further back)."""
-    from inspectd.models.registry import rollback
+    from inspectd.lifecycle.registry import rollback
 
     was, now = rollback(_line(config, override).models_dir, sku)
     out.print(f"{sku}: rolled back from {was} to {now}; {now} is current")
@@ -499,7 +499,7 @@ def models_drift(
 ) -> None:
     """Recent scores of the current version against its calibration scores (both ÷ threshold);
     says "refit recommended" when they moved up past refit.drift_ks."""
-    from inspectd.refit import drift
+    from inspectd.lifecycle.drift import drift
 
     d = drift(_line(config, override), sku, _since(since), limit)
     if as_json:
@@ -548,7 +548,7 @@ def refit_cmd(
 
     # before torch is imported
     resources = limit_resources(s.refit.threads, s.refit.nice, s.refit.idle)
-    from inspectd.refit import refit
+    from inspectd.lifecycle.refit import refit
 
     with progress_bars(not as_json) as bar:
         r = refit(s, sku, since=since_t, max_images=max_images, dry_run=dry_run,

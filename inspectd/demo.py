@@ -59,10 +59,10 @@ def _count(url: str) -> int:
 
 
 def run_demo(work: Path, n_train: int, echo: Any) -> dict[str, Any]:
+    from inspectd.lifecycle.registry import publish
     from inspectd.models import fit
     from inspectd.models.datasets.synthetic import generate
     from inspectd.models.evaluate import evaluate
-    from inspectd.models.registry import publish
     from inspectd.models.settings import ModelSettings
 
     work = work.resolve()

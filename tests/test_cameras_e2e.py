@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from inspectd.core.wire import VERDICTS
-from inspectd.models.registry import publish
+from inspectd.lifecycle.registry import publish
 from tests.helpers import audit_rows, wait_rows
 from tests.test_daemon import Daemon
 

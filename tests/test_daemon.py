@@ -22,7 +22,7 @@ import yaml
 
 from inspectd.daemon.events import subscribe
 from inspectd.daemon.plc import VERDICT_CODES
-from inspectd.models.registry import publish
+from inspectd.lifecycle.registry import publish
 from tests.helpers import audit_rows, free_port, until, wait_rows
 from tests.test_plc import WRITE_COIL, WRITE_REGISTER, PlcPeer
 

@@ -16,9 +16,9 @@ from inspectd.core.config import LineSettings
 from inspectd.core.errors import ArtifactError
 from inspectd.core.settings import load_settings
 from inspectd.core.wire import Verdict
+from inspectd.lifecycle.registry import REFIT_RECORD, current_version, publish, read_history
 from inspectd.models import load
 from inspectd.models.artifact import read_manifest
-from inspectd.models.registry import REFIT_RECORD, current_version, publish, read_history
 from inspectd.storage.audit import AuditLog
 
 SKU = "GM06_08"

@@ -24,7 +24,7 @@ from inspectd.core.wire import ANNOUNCE, FRAME, VERDICT, FrameHeader, Verdict, n
 from inspectd.daemon.sink import Sink
 from inspectd.daemon.transport import socket
 from inspectd.daemon.worker import Worker
-from inspectd.models.registry import publish
+from inspectd.lifecycle.registry import publish
 from tests.helpers import audit_rows, until, wait_rows
 
 

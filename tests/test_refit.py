@@ -16,9 +16,10 @@ from inspectd.core.config import ImageSettings, LineSettings
 from inspectd.core.resources import host_cores
 from inspectd.core.settings import load_settings
 from inspectd.core.wire import UNKNOWN_SKU, Verdict
-from inspectd.models import load
-from inspectd.models.datasets.synthetic import generate
-from inspectd.models.registry import (
+from inspectd.lifecycle.gates import false_reject_gate, ng_gate, shift_gate
+from inspectd.lifecycle.lock import RefitError, refit_lock
+from inspectd.lifecycle.refit import refit
+from inspectd.lifecycle.registry import (
     current_version,
     list_versions,
     promote,
@@ -26,14 +27,8 @@ from inspectd.models.registry import (
     read_history,
     refit_record,
 )
-from inspectd.refit import (
-    RefitError,
-    false_reject_gate,
-    ng_gate,
-    refit,
-    refit_lock,
-    shift_gate,
-)
+from inspectd.models import load
+from inspectd.models.datasets.synthetic import generate
 from inspectd.storage import queries
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.images import ImageStore

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from inspectd.core.errors import ArtifactError
-from inspectd.models.registry import current_version, publish, set_current
+from inspectd.lifecycle.registry import current_version, publish, set_current
 
 
 def test_publish_makes_a_new_current_version(object_artifact: Path, tmp_path: Path):

@@ -66,7 +66,7 @@ class ModelCache:
 
     def get(self, sku: str) -> tuple[str, object]:
         """(version, detector); re-resolves `current` each call so a promotion takes effect."""
-        from inspectd.models.registry import current_version
+        from inspectd.lifecycle.registry import current_version
 
         version, path = current_version(self.models_dir, sku)
         with self._lock:
