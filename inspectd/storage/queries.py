@@ -1,4 +1,5 @@
-"""Operator labels, and the audit-log questions that refit, drift and `audit stats` ask.
+"""Operator labels, and the audit-log questions that refit, drift, `audit query` and
+`audit stats` ask.
 
 Plain functions on a database URL or an Engine (an Engine passed in stays open). They read
 an existing, migrated audit database and never create one: a missing SQLite file or table is
@@ -19,11 +20,12 @@ from __future__ import annotations
 import getpass
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import structlog
 from sqlalchemy import Engine, Row, Select, and_, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -35,6 +37,7 @@ from inspectd.storage.schema import labels, verdicts
 log = structlog.get_logger("inspectd.audit")
 
 Label = Literal["OK", "NG"]
+Period = Literal["hour", "day", "none"]
 LABELS: tuple[Label, ...] = ("OK", "NG")
 REJECTS = ("NG", "ERROR", "TIMEOUT")
 USER_MAX = 64  # labels.labelled_by is varchar(64)
@@ -203,6 +206,99 @@ def label_rates(url: str | Engine, sku: str | None = None, since: datetime | Non
         for r in conn.execution_options(yield_per=10_000).execute(q):
             counts.setdefault(r.sku, LabelCounts()).add(r.verdict, r.label)
     return {s: c.as_dict() for s, c in sorted(counts.items())}
+
+
+def verdict_rows(url: str | Engine, *, sku: str | None = None, since: datetime | None = None,
+                 until: datetime | None = None, verdict: str | None = None,
+                 camera: str | None = None, label: str | None = None,
+                 limit: int | None = None) -> list[dict[str, Any]]:
+    """Audited verdicts captured in [since, until), each row's columns plus its operator
+    `label`, newest capture first, at most `limit` (None: all). `label` "none" selects the
+    unlabelled frames."""
+    c = verdicts.c
+    q = select(verdicts, labels.c.label).select_from(
+        verdicts.outerjoin(labels, labels.c.frame_id == c.frame_id)
+    ).where(*_between(sku, since, until))
+    if verdict is not None:
+        q = q.where(c.verdict == verdict)
+    if camera is not None:
+        q = q.where(c.camera == camera)
+    if label is not None:
+        q = q.where(labels.c.label.is_(None) if label == "none" else labels.c.label == label)
+    q = q.order_by(*NEWEST)
+    if limit:
+        q = q.limit(limit)
+    with existing_database(url) as engine, engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+@dataclass
+class _Group:
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
+        ("OK", "NG", "ERROR", "TIMEOUT"), 0))
+    scores: list[float] = field(default_factory=list)
+    labels: LabelCounts = field(default_factory=LabelCounts)
+
+
+def verdict_stats(url: str | Engine, *, sku: str | None = None, since: datetime | None = None,
+                  until: datetime | None = None, by: Period = "none") -> list[dict[str, Any]]:
+    """Per SKU (and capture hour or day, UTC, under the key `by`): frames, verdict counts,
+    yield and NG rate %, score p50/p95/p99 of scored frames, and the label counts and rates
+    (`escape_pct`, `false_reject_pct`), sorted by SKU and period."""
+    c = verdicts.c
+    q = select(c.sku, c.capture_time, c.verdict, c.score, labels.c.label).select_from(
+        verdicts.outerjoin(labels, labels.c.frame_id == c.frame_id)
+    ).where(*_between(sku, since, until))
+    groups: dict[tuple[str, str], _Group] = {}
+    # Aggregated here, streaming, so one code path serves SQLite and PostgreSQL alike.
+    with existing_database(url) as engine, engine.connect() as conn:
+        for r in conn.execution_options(yield_per=10_000).execute(q):
+            g = groups.setdefault((r.sku, _period(r.capture_time, by)), _Group())
+            g.counts[r.verdict] = g.counts.get(r.verdict, 0) + 1
+            if r.score is not None and math.isfinite(r.score):
+                g.scores.append(r.score)
+            g.labels.add(r.verdict, r.label)
+    rows = []
+    for (sku_, period), g in sorted(groups.items()):
+        n = sum(g.counts.values())
+        p = np.percentile(g.scores, [50, 95, 99]).tolist() if g.scores else [None] * 3
+        row: dict[str, Any] = {"sku": sku_}
+        if by != "none":
+            row[by] = period
+        row |= {"frames": n, **g.counts,
+                "yield_pct": round(100 * g.counts["OK"] / n, 2),
+                "ng_rate_pct": round(100 * g.counts["NG"] / n, 2),
+                "score_p50": p[0], "score_p95": p[1], "score_p99": p[2],
+                "labelled": g.labels.labelled, "false_rejects": g.labels.false_rejects,
+                "escapes": g.labels.escapes, "escape_pct": _pct(g.labels.escape_rate),
+                "false_reject_pct": _pct(g.labels.false_reject_rate)}
+        rows.append(row)
+    return rows
+
+
+def _between(sku: str | None, since: datetime | None, until: datetime | None) -> list[Any]:
+    c, where = verdicts.c, []
+    if sku is not None:
+        where.append(c.sku == sku)
+    if since is not None:
+        where.append(c.capture_time >= since)
+    if until is not None:
+        where.append(c.capture_time < until)
+    return where
+
+
+def _period(t: datetime | None, by: Period) -> str:
+    if by == "none":
+        return ""
+    if t is None:
+        return "unknown"
+    if by == "day":
+        return t.date().isoformat()
+    return t.replace(minute=0, second=0, microsecond=0).isoformat()
+
+
+def _pct(rate: float | None) -> float | None:
+    return None if rate is None else round(100 * rate, 2)
 
 
 def _with_image(url: str | Engine, q: Select, limit: int | None, what: str,

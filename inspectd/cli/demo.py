@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import sqlalchemy as sa
+import typer
 import yaml
+from rich.table import Table
 
+from inspectd.cli.common import err, fmt, out
 from inspectd.core.errors import InspectdError
 
 SKUS = ("texture", "object")
@@ -48,6 +50,8 @@ def _wait_ready(sock: socket.socket, proc: subprocess.Popen, log: Path, timeout:
 
 
 def _count(url: str) -> int:
+    import sqlalchemy as sa
+
     eng = sa.create_engine(url)
     try:
         with eng.connect() as c:
@@ -59,6 +63,8 @@ def _count(url: str) -> int:
 
 
 def run_demo(work: Path, n_train: int, echo: Any) -> dict[str, Any]:
+    import sqlalchemy as sa
+
     from inspectd.lifecycle.registry import publish
     from inspectd.models import fit
     from inspectd.models.datasets.synthetic import generate
@@ -149,3 +155,33 @@ def run_demo(work: Path, n_train: int, echo: Any) -> dict[str, Any]:
         eng.dispose()
     return {"metrics": metrics, "url": url, "config": cfg, "line": line, "summary": summary,
             "ng_images": ng_images}
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="data, models and the line's state go here")] = Path(
+        "outputs/demo"),
+    n_train: Annotated[int, typer.Option(help="OK images per SKU to fit on")] = 60,
+) -> None:
+    """A demo line on the embedded defaults: synthetic SKUs, fitted models, `inspectd run`
+    with a watched-folder camera, every test frame judged, then the audit summary."""
+    from inspectd.models.evaluate import KEYS
+
+    r = run_demo(workdir, n_train, lambda msg: err.print(msg, highlight=False))
+    table = Table("SKU", *KEYS, title="offline evaluation of the fitted models")
+    for sku, m in r["metrics"].items():
+        table.add_row(sku, *(fmt(m[k]) for k in KEYS))
+    out.print(table)
+    table = Table("SKU", "frames", "OK", "NG", "ERROR", "TIMEOUT", "defects rejected",
+                  "good passed", title=f"the line's audit log ({r['url']})")
+    for sku, c in r["summary"].items():
+        table.add_row(sku, str(c["frames"]), *(str(c[v]) for v in ("OK", "NG", "ERROR", "TIMEOUT")),
+                      f"{c['defect_rejected']}/{c['defects']}", f"{c['good_passed']}/{c['good']}")
+    out.print(table)
+    out.print(f"NG images, masks and overlays: {r['line'] / 'images' / 'ng'}")
+    for path in r["ng_images"][:5]:
+        out.print(f"  {path}")
+    out.print(f"the line's config: {r['config']}; audit: inspectd audit stats -c {r['config']}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

@@ -1,42 +1,33 @@
-"""`inspectd db upgrade` and `inspectd audit query|stats|label`: the audit log from a shell."""
+"""`inspectd db upgrade` and `inspectd audit query|stats|label`: the audit log from a shell.
+
+The questions are `storage.queries`; this module parses options and prints the answers."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import re
 import sys
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-if TYPE_CHECKING:
-    from inspectd.storage.queries import LabelCounts
+from inspectd.cli.common import TIME_HELP, OverrideOpt, line_settings, out, parse_time
 
 db_app = typer.Typer(no_args_is_help=True, help="The audit database: schema migrations.")
 audit_app = typer.Typer(no_args_is_help=True,
                         help="The audit log: verdicts, yield and operator labels.")
 
-out = Console(width=None if sys.stdout.isatty() else 160)
-
 ConfigOpt = Annotated[
     Path | None, typer.Option("-c", "--config", help="line config; its database is used")
-]
-OverrideOpt = Annotated[
-    list[str] | None, typer.Option("-o", "--override", help="section.key=value (repeatable)")
 ]
 DbOpt = Annotated[
     str | None, typer.Option("--db", help="SQLAlchemy URL, e.g. sqlite:///audit.db or "
                              "postgresql+psycopg://user@host/db (overrides -c)")
 ]
-TIME_HELP = "ISO date/time (UTC unless it has an offset) or an age such as 30m, 2h, 1d, 1w"
 SinceOpt = Annotated[str | None, typer.Option(help=f"frames captured at or after: {TIME_HELP}")]
 UntilOpt = Annotated[str | None, typer.Option(help=f"frames captured before: {TIME_HELP}")]
 SkuOpt = Annotated[str | None, typer.Option(help="only this SKU")]
@@ -59,28 +50,7 @@ FormatOpt = Annotated[Format, typer.Option("--format", help="table, csv or json"
 
 def database_url(config: Path | None, overrides: list[str] | None, db: str | None) -> str:
     """--db, else the line config's database (default: SQLite in data_dir)."""
-    if db:
-        return db
-    from inspectd.core.config import LineSettings
-    from inspectd.core.settings import load_settings
-
-    return load_settings(LineSettings, config, overrides or []).database_url()
-
-
-_AGE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
-    """`2h` → two hours ago; `2024-05-01` / `2024-05-01T12:00` → that time, UTC when naive."""
-    m = _AGE.fullmatch(text.strip())
-    if m:
-        return (now or datetime.now(UTC)) - timedelta(seconds=float(m[1]) * _UNIT_S[m[2]])
-    try:
-        t = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{text!r}: expected {TIME_HELP}", param_hint=option) from None
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+    return db or line_settings(config, overrides).database_url()
 
 
 @db_app.command("upgrade")
@@ -115,34 +85,23 @@ def query_cmd(
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Audited verdicts with their operator labels, newest capture first."""
-    from sqlalchemy import select
+    from inspectd.storage.queries import verdict_rows
+    from inspectd.storage.schema import verdicts
 
-    from inspectd.storage.db import existing_database
-    from inspectd.storage.schema import labels, verdicts
-
-    c = verdicts.c
-    q = select(verdicts, labels.c.label).select_from(
-        verdicts.outerjoin(labels, labels.c.frame_id == c.frame_id)
-    ).where(*_filters(sku, since, until))
+    t0, t1 = _times(since, until)
     if verdict is not None:
-        v = verdict.upper()
-        if v not in ("OK", "NG", "ERROR", "TIMEOUT"):
+        verdict = verdict.upper()
+        if verdict not in ("OK", "NG", "ERROR", "TIMEOUT"):
             raise typer.BadParameter(f"{verdict!r}: expected OK, NG, ERROR or TIMEOUT",
                                      param_hint="--verdict")
-        q = q.where(c.verdict == v)
-    if camera is not None:
-        q = q.where(c.camera == camera)
     if label is not None:
         lab = label.upper()
         if lab not in ("OK", "NG", "NONE"):
             raise typer.BadParameter(f"{label!r}: expected OK, NG or none", param_hint="--label")
-        q = q.where(labels.c.label.is_(None) if lab == "NONE" else labels.c.label == lab)
-    q = q.order_by(c.capture_time.desc().nulls_last(), c.id.desc())
-    if limit:
-        q = q.limit(limit)
-    url = database_url(config, override, db)
-    with existing_database(url) as engine, engine.connect() as conn:
-        rows = [_plain(dict(r._mapping)) for r in conn.execute(q)]
+        label = "none" if lab == "NONE" else lab
+    rows = [_plain(r) for r in verdict_rows(
+        database_url(config, override, db), sku=sku, since=t0, until=t1, verdict=verdict,
+        camera=camera, label=label, limit=limit or None)]
     if fmt is Format.json:
         print(json.dumps(rows))
     elif fmt is Format.csv:
@@ -159,20 +118,6 @@ def query_cmd(
         out.print(f"{len(rows)} rows" + (f" (--limit {limit})" if limit == len(rows) else ""))
 
 
-def _label_counts() -> LabelCounts:
-    from inspectd.storage.queries import LabelCounts  # imports SQLAlchemy: not at CLI start
-
-    return LabelCounts()
-
-
-@dataclass
-class _Group:
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("OK", "NG", "ERROR", "TIMEOUT"), 0))
-    scores: list[float] = field(default_factory=list)
-    labels: LabelCounts = field(default_factory=_label_counts)
-
-
 @audit_app.command("stats")
 def stats_cmd(
     config: ConfigOpt = None,
@@ -186,41 +131,11 @@ def stats_cmd(
 ) -> None:
     """Per SKU (and hour/day): frames, verdict counts, yield, NG rate, score percentiles and,
     where operators labelled frames, false rejects and escapes."""
-    import numpy as np
-    from sqlalchemy import select
+    from inspectd.storage.queries import verdict_stats
 
-    from inspectd.storage.db import existing_database
-    from inspectd.storage.schema import labels, verdicts
-
-    c = verdicts.c
-    q = select(c.sku, c.capture_time, c.verdict, c.score, labels.c.label).select_from(
-        verdicts.outerjoin(labels, labels.c.frame_id == c.frame_id)
-    ).where(*_filters(sku, since, until))
-    groups: dict[tuple[str, str], _Group] = {}
-    url = database_url(config, override, db)
-    # Aggregated here, streaming, so one code path serves SQLite and PostgreSQL alike.
-    with existing_database(url) as engine, engine.connect() as conn:
-        for r in conn.execution_options(yield_per=10_000).execute(q):
-            g = groups.setdefault((r.sku, _period(r.capture_time, by)), _Group())
-            g.counts[r.verdict] = g.counts.get(r.verdict, 0) + 1
-            if r.score is not None and math.isfinite(r.score):
-                g.scores.append(r.score)
-            g.labels.add(r.verdict, r.label)
-    rows = []
-    for (sku_, period), g in sorted(groups.items()):
-        n = sum(g.counts.values())
-        p = np.percentile(g.scores, [50, 95, 99]).tolist() if g.scores else [None] * 3
-        row: dict[str, Any] = {"sku": sku_}
-        if by is not By.none:
-            row[by.value] = period
-        row |= {"frames": n, **g.counts,
-                "yield_pct": round(100 * g.counts["OK"] / n, 2),
-                "ng_rate_pct": round(100 * g.counts["NG"] / n, 2),
-                "score_p50": p[0], "score_p95": p[1], "score_p99": p[2],
-                "labelled": g.labels.labelled, "false_rejects": g.labels.false_rejects,
-                "escapes": g.labels.escapes, "escape_pct": _pct(g.labels.escape_rate),
-                "false_reject_pct": _pct(g.labels.false_reject_rate)}
-        rows.append(row)
+    t0, t1 = _times(since, until)
+    rows = verdict_stats(database_url(config, override, db), sku=sku, since=t0, until=t1,
+                         by=by.value)
     if fmt is Format.json:
         print(json.dumps(rows))
         return
@@ -249,10 +164,6 @@ def _stats_cell(key: str, row: dict[str, Any]) -> str:
             return ""
         return "—" if row[key] is None else str(row[key])
     return str(row[key])
-
-
-def _pct(rate: float | None) -> float | None:
-    return None if rate is None else round(100 * rate, 2)
 
 
 @audit_app.command("label")
@@ -284,27 +195,9 @@ def label_cmd(
               highlight=False)
 
 
-def _filters(sku: str | None, since: str | None, until: str | None) -> list[Any]:
-    from inspectd.storage.schema import verdicts
-
-    c, where = verdicts.c, []
-    if sku is not None:
-        where.append(c.sku == sku)
-    if since is not None:
-        where.append(c.capture_time >= parse_time(since, "--since"))
-    if until is not None:
-        where.append(c.capture_time < parse_time(until, "--until"))
-    return where
-
-
-def _period(t: datetime | None, by: By) -> str:
-    if by is By.none:
-        return ""
-    if t is None:
-        return "unknown"
-    if by is By.day:
-        return t.date().isoformat()
-    return t.replace(minute=0, second=0, microsecond=0).isoformat()
+def _times(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    return (parse_time(since, "--since") if since is not None else None,
+            parse_time(until, "--until") if until is not None else None)
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
