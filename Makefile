@@ -33,6 +33,7 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check inspectd tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --out BENCHMARKS.md

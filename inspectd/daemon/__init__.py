@@ -1,4 +1,7 @@
-"""The inspection daemon: acquisition, transport, worker, sink, PLC and systemd roles.
+"""The inspection daemon: supervisor, acquisition (sources/), transport, worker, sink, PLC
+outputs, events, metrics and systemd.
 
-It imports only the inference side of `inspectd.models` (detector, artifact).
+It imports the inference side of `inspectd.models` only (detector, artifact, kinds' model
+classes), `storage` for the sink's audit log, journal and images, and the registry of
+`lifecycle` to follow each SKU's `current` version (pyproject.toml's import contracts).
 """

@@ -94,9 +94,9 @@ class ModelCache:
             self._cache.popitem(last=False)
 
     def _load(self, sku: str, version: str, path: Path) -> object:
-        from inspectd.models import load
+        from inspectd.models.detector import load_detector
 
-        det = load(path, device=self.device, precision=self.precision)
+        det = load_detector(path, device=self.device, precision=self.precision)
         det.predict([np.zeros((64, 64, 3), np.uint8)], keep_image=False)
         log.info("model loaded", sku=sku, version=version, kind=det.kind,
                  bf16=det.runtime.bf16, device=str(det.runtime.device))

@@ -1,1 +1,2 @@
-"""Audit storage: database, schema migrations, audit writer, image store and spool."""
+"""Audit storage: database, schema migrations, audit writer, queries, spool, the sink's
+journal and the image store. It imports only `core` of inspectd (no daemon, no torch)."""
