@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic MVTec-layout set for the whole session."""
+"""Shared fixtures: one tiny synthetic MVTec-layout set for the whole session, and the
+PostgreSQL and Mosquitto servers (tests/services.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ from typing import Any
 import pytest
 
 from inspectd.models.datasets.synthetic import generate
+from tests.services import USED, mosquitto_server, postgres_server
+
+__all__ = ["mosquitto_server", "postgres_server"]  # session fixtures, shared by every test
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say which PostgreSQL/Mosquitto the session used: the running ones or throwaways."""
+    for line in USED:
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
@@ -60,21 +70,24 @@ class PostgresDB:
 
 
 @pytest.fixture(scope="session")
-def postgres_db() -> Iterator[PostgresDB]:
-    """A database of its own on the local PostgreSQL for this test session, dropped after."""
+def postgres_db(postgres_server: str) -> Iterator[PostgresDB]:
+    """A database of its own on the session's PostgreSQL (the running one or a throwaway,
+    tests/services.py), dropped after."""
     import sqlalchemy as sa
 
-    admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                             isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT",
+                             connect_args={"connect_timeout": 3})
     name = f"inspectd_test_{uuid.uuid4().hex[:12]}"
     try:
         with admin.connect() as c:
             c.execute(sa.text(f'CREATE DATABASE "{name}"'))
     except sa.exc.OperationalError as e:
         admin.dispose()
-        pytest.fail(f"PostgreSQL not reachable at 127.0.0.1:5432: {e.orig}", pytrace=False)
+        pytest.fail(f"PostgreSQL not reachable at {admin.url.host}:{admin.url.port}: {e.orig}",
+                    pytrace=False)
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        yield PostgresDB(name, f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", admin)
+        yield PostgresDB(name, url, admin)
     finally:
         with admin.connect() as c:
             c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

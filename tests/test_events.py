@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,6 @@ from inspectd.core.wire import Verdict
 from inspectd.daemon.events import EventPublisher, subscribe
 from tests.helpers import free_port, until
 
-MOSQUITTO = ("127.0.0.1", 1883)
 NO_MQTT = MqttSettings()
 
 
@@ -163,12 +161,9 @@ def test_events_cli_reads_the_endpoint_from_the_line_config(tmp_path):
 
 
 @pytest.fixture
-def mosquitto() -> tuple[str, int]:
-    try:
-        socket.create_connection(MOSQUITTO, timeout=2).close()
-    except OSError as e:
-        pytest.fail(f"Mosquitto not reachable at {MOSQUITTO[0]}:{MOSQUITTO[1]} ({e})")
-    return MOSQUITTO
+def mosquitto(mosquitto_server: tuple[str, int]) -> tuple[str, int]:
+    """The session's broker: the running Mosquitto or a throwaway (tests/services.py)."""
+    return mosquitto_server
 
 
 def _mqtt_listener(host: str, port: int, topic: str) -> tuple[mqtt.Client, queue.Queue]:
