@@ -5,17 +5,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := outputs/demo
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv debs demo test lint bench clean
 
-# Debian packages: the Aravis fake GigE Vision camera and typelib (a real test peer), and the
-# headers PyGObject builds against.
-DEB_PACKAGES := aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev
+# Debian packages: the Aravis fake GigE Vision camera and typelib (a real test peer), the
+# headers PyGObject builds against, and PostgreSQL and Mosquitto servers the tests start
+# throwaway instances of when none runs on 127.0.0.1:5432/1883 (tests/services.py).
+DEB_PACKAGES := aravis-tools gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev \
+	postgresql mosquitto
 
-# torch comes first and pinned: pip finds this exact build on the machine's disk.
-$(STAMP): pyproject.toml
+# Checked on every make (dpkg -s is quick), so an existing venv gets packages added here too.
+debs:
 	dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1 || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 		$(DEB_PACKAGES); }
+
+# torch comes first and pinned: pip finds this exact build on the machine's disk.
+$(STAMP): pyproject.toml | debs
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
