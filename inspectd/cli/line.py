@@ -71,14 +71,32 @@ def validate_config(
     config: Annotated[Path, typer.Option("-c", "--config", help="line config to check")],
     override: OverrideOpt = None,
 ) -> None:
-    """Check a line config: a bad key is named (exit 2), a good one summarised (exit 0)."""
+    """Check a line config: its keys and values, then what this host needs to run it
+    (folders, database driver, endpoints). Every problem is one line naming the key and its
+    line; any error exits 2, warnings alone 0, and a good config is summarised."""
+    from inspectd.core.config_check import line_problems
+    from inspectd.core.settings import key_origins
+
+    # markup off: regexes, URLs and IPv6 addresses hold brackets rich would take for markup.
     try:
         s = line_settings(config, override)
+    except ConfigError as e:
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    problems = line_problems(s)
+    where = key_origins(LineSettings, config, override or [])
+    for p in sorted(problems, key=lambda p: p.warning):  # errors first
+        origin = where(p.loc)
+        err.print(f"{'warning' if p.warning else 'error'}: {config}: '{p.key}': {p.message}"
+                  + f" ({origin or 'default'})",
+                  markup=False, highlight=False, soft_wrap=True)
+    if any(not p.warning for p in problems):
+        raise typer.Exit(2)
+    try:
         rows = _line_summary(s)
     except ConfigError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-    # markup off: regexes and URLs hold brackets rich would take for markup.
     out.print(f"{config}: ok", markup=False, highlight=False)
     for key, value in rows:
         out.print(f"  {key:<9} {value}", markup=False, highlight=False, soft_wrap=True)
