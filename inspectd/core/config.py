@@ -168,34 +168,130 @@ class SinkSettings(Section):
     images: ImageSettings = ImageSettings()
 
 
-class ModbusSettings(Section):
+class PlcTiming(Section):
+    """What every PLC output shares: request timeout, the reject pulse, maximum age, heartbeat."""
+
+    timeout_s: float = Field(1.0, gt=0, description="per request; a connect may take 3x")
+    reject_pulse_ms: float = Field(100, gt=0, description="reject output on this long per reject")
+    reject_gap_ms: float | None = Field(
+        None, gt=0, description="reject output off at least this long between two pulses "
+        "(null = reject_pulse_ms); pulses queue rather than merge"
+    )
+    max_age_ms: float | None = Field(
+        1000, gt=0, description="an output not written this long after its verdict was decided "
+        "is dropped and counted, never written late (null = no limit)"
+    )
+    heartbeat_s: float = Field(1.0, gt=0, description="heartbeat period, while the sink runs")
+
+    @property
+    def gap_ms(self) -> float:
+        return self.reject_pulse_ms if self.reject_gap_ms is None else self.reject_gap_ms
+
+
+# Keys of the Modbus output that one FC16 block per verdict replaced (README "PLC").
+_MODBUS_REMOVED = {
+    "verdict_register": "verdict_block (the verdict code is its third register)",
+    "part_register": "verdict_block (the part id is its second register)",
+}
+
+
+class ModbusSettings(PlcTiming):
     host: str = Field("127.0.0.1")
     port: int = Field(502, gt=0, lt=65536)
     unit: int = Field(1, ge=0, le=247, description="Modbus unit (slave) id")
-    timeout_s: float = Field(1.0, gt=0)
-    reject_coil: int | None = Field(
-        None, ge=0, description="coil address pulsed on every reject"
-    )
-    reject_pulse_ms: float = Field(100, gt=0)
-    verdict_register: int | None = Field(
-        None, ge=0, description="holding register written with the verdict code "
-        "(1 OK, 2 NG, 3 ERROR, 4 TIMEOUT) of each frame"
-    )
-    part_register: int | None = Field(
-        None, ge=0, description="holding register written with the numeric part id first"
+    verdict_block: int | None = Field(
+        None, ge=0, description="first of 3 holding registers written in one FC16 per verdict: "
+        "sequence (1..65535, wrapping, never 0), part id (low 16 bits, 0 = not numeric), "
+        "verdict code (1 OK, 2 NG, 3 ERROR, 4 TIMEOUT)"
     )
     slots: int = Field(
-        1, ge=1, description="verdict registers per camera/part: verdict_register + part_id % slots"
+        1, ge=1, description="blocks, one per part in flight: the block of a part starts at "
+        "verdict_block + 3 * (part_id % slots)"
+    )
+    reject_coil: int | None = Field(
+        None, ge=0, description="coil address pulsed on every reject (NG, ERROR, TIMEOUT)"
     )
     heartbeat_register: int | None = Field(
         None, ge=0, description="holding register incremented every heartbeat_s"
     )
-    heartbeat_s: float = Field(1.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, new in _MODBUS_REMOVED.items():
+                if key in data:
+                    raise ValueError(
+                        f"{key} was removed: each verdict is one FC16 write of "
+                        f"sequence, part id and verdict code at {new}")
+        return data
+
+    @model_validator(mode="after")
+    def _block_fits(self) -> ModbusSettings:
+        if self.verdict_block is not None and self.verdict_block + 3 * self.slots > 65536:
+            raise ValueError("verdict_block + 3 * slots must stay within 65536 registers")
+        return self
+
+    @property
+    def verdict_register(self) -> int | None:
+        """Wire address of slot 0's verdict code (verdict_block + 2), None without a block.
+        Read-only, for readers of the old key's attribute; the key itself is an error."""
+        return None if self.verdict_block is None else self.verdict_block + 2
+
+
+_NODE_ID = re.compile(r"^(ns=\d+;|nsu=[^;]+;)?[isgb]=.+$")
+
+
+class OpcuaSettings(PlcTiming):
+    endpoint: str = Field("opc.tcp://127.0.0.1:4840", description="the server's endpoint URL "
+                          "(security policy None, anonymous)")
+    sequence_node: str | None = Field(
+        None, description="node id (e.g. 'ns=2;s=Line1.Sequence') written with the sequence "
+        "(1..65535, wrapping, never 0), last of the three in one Write request per verdict"
+    )
+    part_node: str | None = Field(
+        None, description="node id written with the part id (low 16 bits, 0 = not numeric)"
+    )
+    verdict_node: str | None = Field(
+        None, description="node id written with the verdict code (1 OK, 2 NG, 3 ERROR, 4 TIMEOUT)"
+    )
+    reject_node: str | None = Field(
+        None, description="Boolean node id pulsed true on every reject (NG, ERROR, TIMEOUT)"
+    )
+    heartbeat_node: str | None = Field(
+        None, description="integer node id incremented every heartbeat_s"
+    )
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        if not v.startswith("opc.tcp://"):
+            raise ValueError("expected opc.tcp://host:port[/path]")
+        return v
+
+    @field_validator("sequence_node", "part_node", "verdict_node", "reject_node",
+                     "heartbeat_node")
+    @classmethod
+    def _node_id(cls, v: str | None) -> str | None:
+        if v is not None and not _NODE_ID.match(v):
+            raise ValueError(f"not an OPC UA node id: {v!r} (e.g. 'ns=2;s=Line1.Verdict', "
+                             "'ns=2;i=1001')")
+        return v
+
+    @model_validator(mode="after")
+    def _triple(self) -> OpcuaSettings:
+        triple = (self.sequence_node, self.part_node, self.verdict_node)
+        if any(n is not None for n in triple) and any(n is None for n in triple):
+            raise ValueError("set sequence_node, part_node and verdict_node together")
+        return self
 
 
 class PlcSettings(Section):
-    type: Literal["none", "modbus"] = Field("none", description="reject output")
+    type: Literal["none", "modbus", "opcua"] = Field(
+        "none", description="reject output: none, modbus (Modbus TCP) or opcua (OPC UA client)"
+    )
     modbus: ModbusSettings = ModbusSettings()
+    opcua: OpcuaSettings = OpcuaSettings()
 
 
 class MqttSettings(Section):
