@@ -124,3 +124,23 @@ def test_ng_images_make_the_threshold_f1_optimal(synth_root):
     f1 = f1_score(labels, scores >= det.threshold)
     assert f1 == pytest.approx(best)  # the threshold reaches F1-max on the calibration set…
     assert not np.isin(det.threshold, scores).any()  # …with a margin to every score
+
+
+def test_the_artifact_keeps_the_training_domain_and_checks_frames_against_it(object_artifact):
+    det = load(object_artifact)
+    d = det.domain
+    assert d.height == (128, 128) and d.width == (128, 128) and d.bit_depth == (8,)
+    assert 0 <= d.brightness[0] <= d.brightness[1] <= 255
+    inside = np.full((128, 128, 3), int(sum(d.brightness) / 2), np.uint8)
+    assert d.problem(inside) is None
+    assert "1×1 px" in d.problem(np.zeros((1, 1, 3), np.uint8))
+    assert "16-bit" in d.problem(inside[..., 0].astype(np.uint16) << 8)
+    assert "brightness" in d.problem(np.full((128, 128, 3), 255, np.uint8)) or \
+        d.brightness[1] > 255 - 64
+
+
+def test_a_non_finite_score_is_never_ok():
+    from inspectd.models.detector import Prediction
+
+    p = Prediction(float("nan"), 1.0, 1.0, np.zeros((2, 2), np.float32))
+    assert p.verdict == "NG"

@@ -23,6 +23,7 @@ from inspectd.core import imaging
 from inspectd.core.errors import ArtifactError
 from inspectd.core.imaging import read_image
 from inspectd.models import artifact
+from inspectd.models.domain import Domain
 from inspectd.models.features import (
     FeatureExtractor,
     Runtime,
@@ -60,7 +61,8 @@ class Prediction:
 
     @property
     def verdict(self) -> str:
-        return "NG" if self.score >= self.threshold else "OK"
+        # OK only below the threshold: a NaN score (a model failure) is never OK.
+        return "OK" if self.score < self.threshold else "NG"
 
     @property
     def mask(self) -> np.ndarray:
@@ -143,6 +145,12 @@ class Detector:
     @property
     def kind(self) -> str:
         return self.model.kind
+
+    @property
+    def domain(self) -> Domain | None:
+        """The images it was fitted on (None in artifacts made before domains were kept)."""
+        d = self.manifest.get("domain")
+        return Domain.from_dict(d) if d else None
 
     def canvases(self, items: Sequence[ImageInput]) -> list[np.ndarray]:
         """Images (paths or RGB arrays) placed on the model's canvas."""

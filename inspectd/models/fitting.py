@@ -17,9 +17,11 @@ import numpy as np
 import structlog
 import torch
 
+from inspectd.core.imaging import read_raw
 from inspectd.models.calibration import calibrate, split_ok
 from inspectd.models.datasets.mvtec import expand_image_paths
 from inspectd.models.detector import Detector, ImageInput
+from inspectd.models.domain import Domain
 from inspectd.models.features import (
     Runtime,
     backbone_spec,
@@ -50,6 +52,12 @@ def fingerprint(items: Sequence[ImageInput]) -> str:
         else:
             digests.append(hashlib.sha256(np.ascontiguousarray(item).tobytes()).hexdigest())
     return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+
+
+def domain_of(items: Sequence[ImageInput]) -> Domain:
+    """The training images' sizes, bit depths and brightness, as stored."""
+    return Domain.of(read_raw(Path(i)) if isinstance(i, str | Path) else np.asarray(i)
+                     for i in items)
 
 
 def fit(
@@ -94,6 +102,7 @@ def fit(
         "geometry": geometry.as_dict(),
         "feature_shapes": {k: list(v) for k, v in det.extractor.shapes(h, w).items()},
         "scoring": {"sigma": s.scoring.sigma},
+        "domain": domain_of(train).as_dict(),
         **calibration,
         "training": {
             "images": len(train), "fit_images": len(fit_items), "heldout_images": len(holdout),
