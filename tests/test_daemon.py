@@ -24,7 +24,7 @@ from inspectd.daemon.events import subscribe
 from inspectd.daemon.plc import VERDICT_CODES
 from inspectd.lifecycle.registry import publish
 from tests.helpers import audit_rows, free_port, until, wait_rows
-from tests.test_plc import WRITE_COIL, WRITE_REGISTER, PlcPeer
+from tests.test_plc import WRITE_COIL, WRITE_REGISTERS, PlcPeer
 
 
 class Daemon:
@@ -169,7 +169,7 @@ def test_line_judges_every_frame_once_and_reports_it(line, synth_root, tmp_path)
     plc.start()
     cfg = yaml.safe_load(line["config"].read_text())
     cfg["plc"] = {"type": "modbus", "modbus": {
-        "port": plc.port, "part_register": 10, "verdict_register": 11, "reject_coil": 3}}
+        "port": plc.port, "verdict_block": 10, "reject_coil": 3, "max_age_ms": None}}
     line["config"].write_text(yaml.safe_dump(cfg))
     notes = Notifications(tmp_path / "notify.sock")
     d = Daemon(line["config"], tmp_path, tmp_path / "notify.sock")
@@ -204,13 +204,14 @@ def test_line_judges_every_frame_once_and_reports_it(line, synth_root, tmp_path)
         plc.stop()
     assert any(m.startswith("STATUS=frames ") for m in notes.got)
     by_part = {r["part_id"]: r for r in rows}
-    # The PLC saw, per frame, its part id then its verdict code, in verdict order.
-    regs = [(a, v) for fc, a, v, _ in plc.writes if fc == WRITE_REGISTER]
-    pairs = {(regs[i][1], regs[i + 1][1]) for i in range(0, len(regs), 2)}
-    assert [a for a, _ in regs] == [10, 11] * len(rows)
-    assert pairs == {(int(r["part_id"]), VERDICT_CODES[r["verdict"]]) for r in rows}
-    coil = [v for fc, a, v, _ in plc.writes if fc == WRITE_COIL and a == 3]
-    assert coil and coil[0] == 1 and coil[-1] == 0  # pulsed for the rejects, then released
+    # The PLC saw, per frame, one block (sequence, part id, verdict code), in verdict order.
+    blocks = [v for fc, a, v, _ in plc.writes if fc == WRITE_REGISTERS and a == 10]
+    assert [b[0] for b in blocks] == list(range(1, len(rows) + 1))
+    assert {b[1:] for b in blocks} == {(int(r["part_id"]), VERDICT_CODES[r["verdict"]])
+                                       for r in rows}
+    coil = [v[0] for fc, a, v, _ in plc.writes if fc == WRITE_COIL and a == 3]
+    rejects = sum(r["verdict"] != "OK" for r in rows)
+    assert coil.count(1) == rejects and coil[-1] == 0  # one pulse per reject, then released
     assert by_part["0100"]["verdict"] == "ERROR" and "nosku" in by_part["0100"]["reason"]
     assert by_part["0101"]["verdict"] == "ERROR"
     scored = [by_part[k] for k in expect]
@@ -281,3 +282,31 @@ def test_a_killed_sink_costs_no_frame(line, synth_root, tmp_path):
     assert_each_frame_once(line, sent)
     assert not any(journal.glob("*.jsonl"))
 
+
+
+def test_a_hung_sink_loses_no_frame(line, synth_root, tmp_path):
+    """SIGSTOP of the sink while frames arrive: acquisition holds what the sink never
+    acknowledged, the supervisor replaces the hung sink, and every frame ends with exactly
+    one row; no file leaves the inbox unjudged."""
+    good = sorted((synth_root / "object" / "test" / "good").glob("*.png"))[0]
+    d = Daemon(line["config"], tmp_path)
+    try:
+        d.wait_log(lambda e: e.get("event") == "line up")
+        (sink,) = d.pids("sink")
+        os.kill(sink, signal.SIGSTOP)
+        for i in range(8):
+            drop(line["inbox"], f"obj_{i:04d}.png", good)
+            time.sleep(0.2)
+        d.wait_log(lambda e: e.get("event") == "restarting child" and e.get("child") == "sink")
+        rows = wait_rows(line["url"], 8, timeout=90)
+        sent = feed_until_judged(line, good, 8)
+        until(lambda: not any(line["inbox"].glob("*.png")), "every file judged and disposed")
+        assert d.stop() == 0
+    finally:
+        d.stop()
+        try:
+            os.kill(sink, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert_each_frame_once(line, sent)
+    assert all(r["verdict"] in ("OK", "NG", "TIMEOUT") for r in rows)

@@ -77,11 +77,11 @@ CAMERA = "line: l1\ncameras:\n  cam1:\n    type: folder\n    path: /srv/in\n"
      "'cameras.cam1.path': Field required (line 2)"),
     ("line: l1\nworker: 2\n", "'worker': Input should be a valid dictionary or instance of "
      "WorkerSettings (got 2) (line 2)"),
-    ("line: l1\nworker:\n  count: 1\nsink: {}\nworker:\n  queue: 4\n",
+    ("line: l1\nworker:\n  count: 1\nsink: {}\nworker:\n  max_batch: 4\n",
      "duplicate key 'worker' at lines 2 and 5 (YAML would silently keep only the last)"),
     (CAMERA + "    sku: widget\n    path: /srv/other\n",
      "duplicate key 'cameras.cam1.path' at lines 5 and 7"),
-    ("line: l1\nworker:\n  count: 1\n queue: 4\n",
+    ("line: l1\nworker:\n  count: 1\n max_batch: 4\n",
      "not valid YAML at line 4, column 2: expected <block end>, but found '<block mapping "
      "start>' (check the indentation), while parsing a block mapping started at line 1"),
 ], ids=["unknown-key", "camera-type", "no-camera-type", "sku-name", "no-sku", "missing-path",
@@ -104,11 +104,19 @@ def test_validate_config_rejects_a_bad_override(tmp_path):
 
 def test_validate_config_names_the_environment_variable_of_a_bad_value(tmp_path):
     cfg = tmp_path / "line.yaml"
-    cfg.write_text(CAMERA + "    sku: widget\nworker:\n  queue: 8\n")
-    proc = _validate(cfg, INSPECTD_WORKER__QUEUE="0")
+    cfg.write_text(CAMERA + "    sku: widget\nworker:\n  max_batch: 8\n")
+    proc = _validate(cfg, INSPECTD_WORKER__MAX_BATCH="0")
     assert proc.returncode == 2
-    assert "'worker.queue': Input should be greater than or equal to 1 (got '0') " \
-        "(from environment INSPECTD_WORKER__QUEUE)" in proc.stderr
+    assert "'worker.max_batch': Input should be greater than or equal to 1 (got '0') " \
+        "(from environment INSPECTD_WORKER__MAX_BATCH)" in proc.stderr
+
+
+def test_the_replaced_worker_queue_says_what_replaced_it(tmp_path):
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(CAMERA + "    sku: widget\nworker:\n  queue: 8\n")
+    proc = _validate(cfg)
+    assert proc.returncode == 2
+    assert "'queue' was replaced by cameras.<name>.queue_bytes" in proc.stderr
 
 
 # --- what the schema cannot see: this host's folders, drivers, endpoints -----------------

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -38,7 +39,7 @@ class Line:
         self.sink = Sink(settings, self.ctx)
         self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint("cam1"), bind=True,
                              hwm=100, linger_ms=0)
-        self.to_sink = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False,
+        self.to_sink = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
                               hwm=100, send_timeout_ms=2000)
         self.threads = [threading.Thread(target=self.sink.run, args=(self.stop, 1.0))]
         if worker:
@@ -178,7 +179,7 @@ def test_a_killed_sink_leaves_no_frame_unaudited(settings):
     first = mp.get_context("spawn").Process(target=_run_sink, args=(held,))
     first.start()
     ctx = zmq.Context()
-    to_sink = socket(ctx, zmq.PUSH, settings.sink_address(), bind=False, hwm=100,
+    to_sink = socket(ctx, zmq.DEALER, settings.sink_address(), bind=False, hwm=100,
                      send_timeout_ms=30_000)
     line = None
     try:
@@ -261,3 +262,96 @@ def test_hot_swap_loses_no_frame_and_rows_name_the_scoring_version(settings, syn
         assert r["threshold"] == pytest.approx(t1 if r["model_version"] == "v1" else t2)
     order = [r["model_version"] for r in sorted(rows, key=lambda r: sent.index(r["frame_id"]))]
     assert order == sorted(order)  # once swapped, never back
+
+
+def test_a_verdict_for_a_frame_never_announced_is_refused(settings):
+    """A forged OK for a part the line never saw must not become an OK row."""
+    line = Line(settings, worker=False)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        forged = Verdict.for_frame(line.header(img), "OK", score=0.1, threshold=1.0)
+        line.to_sink.send_multipart([VERDICT, forged.encode()])
+        until(lambda: line.sink.counts.refused == 1, "the forged verdict refused")
+        h = line.header(img, deadline_s=0.3)  # the sink is still judging: a TIMEOUT row
+        line.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        wait_rows(settings.database_url(), 1)
+    finally:
+        line.close()
+    assert [(r["frame_id"], r["verdict"]) for r in audit_rows(settings.database_url())] == [
+        (h.frame_id, "TIMEOUT")]
+
+
+def test_malformed_messages_are_dropped_and_counted_never_a_crash_or_a_row(settings):
+    line = Line(settings, worker=False)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        h = line.header(img, deadline_s=60)
+        line.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        good = json.loads(Verdict.for_frame(h, "OK", score=0.1, threshold=1.0).encode())
+        poisoned = [
+            {**good, "capture_ts": "yesterday"}, {**good, "score": True},
+            {**good, "score": "NaN"}, {**good, "frame_id": "../../etc"},
+            {**good, "timings_ms": {"total": "slow"}}, {**good, "shape": [-1, 5]},
+            {**good, "reason": "x" * 100_000}, {**good, "verdict": "ok"},
+            {**good, "v": 2}, {**good, "frame_id": None},
+        ]
+        for bad in poisoned:
+            line.to_sink.send_multipart([VERDICT, json.dumps(bad).encode()])
+        raw = b'{"frame_id": "f", "verdict": "OK", "score": NaN, "v": 1}'
+        for parts in ([VERDICT, raw], [VERDICT, b"\xff\xfe"], [b"nonsense", b"{}"],
+                      [ANNOUNCE], [ANNOUNCE, b"{}"], [VERDICT, b"[]", b"", b"", b"", b""]):
+            line.to_sink.send_multipart(parts)
+        until(lambda: line.sink.counts.refused == len(poisoned) + 6, "every one refused")
+        # The sink goes on: the frame, still pending, gets its real verdict.
+        line.to_sink.send_multipart([VERDICT, json.dumps(good).encode()])
+        wait_rows(settings.database_url(), 1)
+    finally:
+        line.close()
+    rows = audit_rows(settings.database_url())
+    assert [(r["frame_id"], r["verdict"]) for r in rows] == [(h.frame_id, "OK")]
+
+
+def test_the_row_takes_camera_sku_part_and_times_from_the_announcement(settings):
+    line = Line(settings, worker=False)
+    try:
+        img = np.zeros((8, 8, 3), np.uint8)
+        h = line.header(img, part_id="4711")
+        line.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        v = Verdict.for_frame(h, "OK", score=0.1, threshold=1.0)
+        v.sku, v.camera, v.part_id, v.capture_ts = "other", "cam9", "1", 1.0
+        line.to_sink.send_multipart([VERDICT, v.encode()])
+        [row] = wait_rows(settings.database_url(), 1)
+    finally:
+        line.close()
+    assert (row["sku"], row["camera"], row["part_id"]) == ("obj", "cam1", "4711")
+    announced = datetime.fromtimestamp(h.capture_ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+    assert str(row["capture_time"]).startswith(announced)
+
+
+def test_frames_unlike_the_training_images_are_errors_not_scores(settings, synth_root):
+    """1×1, 16-bit, overexposed and oversized frames are outside the model's domain."""
+    good = _image(sorted((synth_root / "object" / "test" / "good").glob("*.png"))[0])
+    cases = {
+        "tiny": np.zeros((1, 1, 3), np.uint8),
+        "16 bit": (good[..., 0].astype(np.uint16) << 8),
+        "overexposed": np.full_like(good, 255),
+        "huge": np.repeat(np.repeat(good, 3, 0), 3, 1),
+    }
+    line = Line(settings)
+    try:
+        ids = {}
+        for name, img in cases.items():
+            h = line.header(img)
+            if img.dtype == np.uint16:
+                h.dtype, h.pixel_format = "uint16", "mono16"
+            ids[line.send(h, np.ascontiguousarray(img))] = name
+        ids[line.send(line.header(good), good)] = "good"
+        rows = wait_rows(settings.database_url(), len(ids))
+    finally:
+        line.close()
+    by = {ids[r["frame_id"]]: r for r in rows}
+    for name in cases:
+        assert by[name]["verdict"] == "ERROR", name
+        assert "outside the model's domain" in by[name]["reason"], by[name]["reason"]
+        assert by[name]["score"] is None
+    assert by["good"]["verdict"] in ("OK", "NG")

@@ -40,7 +40,7 @@ def test_malformed_headers_are_protocol_errors(raw):
 
 def test_unknown_verdict_kind_is_rejected():
     v = Verdict(frame_id="x", verdict="OK")
-    with pytest.raises(ProtocolError, match="verdict kind"):
+    with pytest.raises(ProtocolError, match="verdict .MAYBE.: expected one of OK"):
         Verdict.decode(v.encode().replace(b'"OK"', b'"MAYBE"'))
 
 

@@ -23,7 +23,8 @@ QUIET_S = 0.4  # how long "nothing more arrives" is watched
 
 
 class Collector:
-    """Runs a source's frames() in a thread, as the acquire role does: done() after each."""
+    """Runs a source's frames() in a thread; done() after each with the outcome the sink
+    would give: OK for a frame, ERROR for one the source could not read."""
 
     def __init__(self, source: Source) -> None:
         self.source, self.stop = source, threading.Event()
@@ -35,7 +36,7 @@ class Collector:
         try:
             for cap in self.source.frames(self.stop):
                 if cap.done is not None:
-                    cap.done()
+                    cap.done("ERROR" if cap.error else "OK", cap.error)
                 self.q.put(cap)
         except BaseException as e:  # handed to the test thread
             self.q.put(e)
@@ -156,10 +157,13 @@ def test_folder_corrupt_files_give_error_captures(tmp_path, collect):
     (tmp_path / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
     caps = {Path(cap.origin).name: cap for cap in c.take(3)}
     assert all(cap.image is None for cap in caps.values())
-    assert caps["garbage.png"].error == f"cannot decode {tmp_path / 'garbage.png'}"
+    assert caps["garbage.png"].error.startswith(f"cannot decode {tmp_path / 'garbage.png'}")
     assert caps["cut.png"].error.startswith("cannot decode")
     assert caps["cut.jpg"].error.endswith("truncated JPEG")
-    assert (tmp_path / "done" / "garbage.png").exists()  # disposed like any other frame
+    # Never deleted unjudged: quarantined with a note of why.
+    assert (tmp_path / "quarantine" / "garbage.png").exists()
+    assert "ERROR: cannot decode" in (tmp_path / "quarantine" / "garbage.png.txt").read_text()
+    assert not (tmp_path / "done").exists()
 
 
 def test_folder_sku_pattern_gives_sku_and_part_or_an_error(tmp_path, collect):
@@ -176,6 +180,7 @@ def test_folder_sku_pattern_gives_sku_and_part_or_an_error(tmp_path, collect):
     assert (ok.sku, ok.part_id, ok.error) == ("gearA", "0042", None)
     assert bad.image is None and "loose.png" in bad.error and "sku_pattern" in bad.error
     assert (tmp_path / "done" / "gearA" / "shot_0042.png").exists()
+    assert (tmp_path / "quarantine" / "loose.png").exists()
 
 
 def test_folder_moves_with_collision_safe_names_or_deletes(tmp_path, collect):

@@ -37,6 +37,15 @@ class CameraBase(Section):
         "against the file's path relative to the folder (folder sources)"
     )
     deadline_ms: int = Field(2000, gt=0, description="verdict needed within this of capture")
+    queue_bytes: int = Field(
+        256 * 2**20, gt=0, description="pixels held for a worker, at most this many bytes; "
+        "a frame waits there, earliest deadline first, until a worker is free. Full: a file "
+        "source stops taking files, a live camera sheds the frame nearest its deadline"
+    )
+    max_pixels: int = Field(
+        64_000_000, gt=0, description="a frame larger than this (width × height) is ERROR; "
+        "files are checked before they are decoded"
+    )
     endpoint: str | None = Field(
         None, description="frames endpoint this camera's acquire binds (default ipc in run_dir)"
     )
@@ -74,6 +83,10 @@ class FolderCamera(CameraBase):
         "move", description="what happens to a file once it has been sent"
     )
     done_dir: Path | None = Field(None, description="where `move` puts files (default path/done)")
+    quarantine_dir: Path | None = Field(
+        None, description="where files judged ERROR or TIMEOUT go, with a .txt of why; never "
+        "deleted unjudged (default path/quarantine)"
+    )
     existing: bool = Field(True, description="also send files already there at start")
 
 
@@ -128,10 +141,6 @@ class WorkerSettings(Section):
     count: int = Field(1, ge=1, description="worker processes on this host")
     max_batch: int = Field(8, ge=1, description="frames of one SKU scored together")
     max_wait_ms: float = Field(5.0, ge=0, description="wait this long to fill a batch")
-    queue: int = Field(
-        16, ge=1, description="frames per camera waiting for a worker; past that a frame is "
-        "shed (audited TIMEOUT). Keep it well under what a worker scores within a deadline"
-    )
     model_cache: int = Field(4, ge=1, description="SKU models kept loaded (LRU)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -143,6 +152,14 @@ class WorkerSettings(Section):
     attach_ok_every: int = Field(
         20, ge=0, description="send every Nth OK frame's pixels to the sink for refit (0 = none)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "queue" in data:
+            raise ValueError("'queue' was replaced by cameras.<name>.queue_bytes: frames wait "
+                             "for a worker by deadline, bounded in bytes, not by count")
+        return data
 
 
 class ImageSettings(Section):

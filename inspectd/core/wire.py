@@ -2,22 +2,31 @@
 
 Messages (ZeroMQ multipart, first part is the message type):
 
-    acquire → worker   [b"frame",   FrameHeader JSON, pixels]
-    acquire → sink     [b"announce", FrameHeader JSON]                  (deadline tracking)
-    worker/acquire → sink  [b"verdict", Verdict JSON, (pixels, (anomaly map float16)?)?]
+    acquire → sink     [b"announce", FrameHeader JSON]       journaled, then acknowledged
+    acquire → sink     [b"judged", Verdict JSON]             a frame acquisition judged itself
+                                                             (unreadable, shed): announce and
+                                                             verdict in one, acknowledged
+    sink → acquire     [b"ack", Ack JSON]                    announcements the sink holds, and
+                                                             the outcome of frames it judged
+    acquire → worker   [b"frame", FrameHeader JSON, pixels]  only once the sink holds it
+    worker → sink      [b"verdict", Verdict JSON, (pixels, (anomaly map float16)?)?]
+    worker → sink      [b"status", Status JSON]              queue depth and service times
 
 A frame's pixels travel as the raw C-contiguous buffer described by `shape`/`dtype`; the
 verdict optionally carries the frame's pixels (NG frames, sampled OK frames) and, for scored
-frames, the anomaly map at the frame's size as float16.
+frames, the anomaly map at the frame's size as float16. Every JSON part is type-checked on
+decode: a malformed message is a ProtocolError, never a crash.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -26,6 +35,7 @@ from inspectd.core.errors import InspectdError
 
 VERSION = 1
 FRAME, ANNOUNCE, VERDICT = b"frame", b"announce", b"verdict"
+JUDGED, ACK, STATUS = b"judged", b"ack", b"status"
 VerdictKind = Literal["OK", "NG", "ERROR", "TIMEOUT"]
 VERDICTS: tuple[VerdictKind, ...] = ("OK", "NG", "ERROR", "TIMEOUT")
 PIXEL_FORMATS = ("mono8", "rgb8", "bgr8", "mono16")
@@ -69,12 +79,10 @@ class FrameHeader:
     @classmethod
     def decode(cls, raw: bytes) -> FrameHeader:
         data = _load(raw, cls.__name__)
-        try:
-            h = cls(**data)
-            h.shape = tuple(int(s) for s in h.shape)
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"bad frame header: {e}") from None
-        return h
+        unknown = set(data) - set(_HEADER_FIELDS)
+        if unknown:
+            raise ProtocolError(f"bad frame header: unknown fields {sorted(unknown)}")
+        return _build(cls, _checked(data, _HEADER_FIELDS, "frame header"), "frame header")
 
 
 @dataclass
@@ -117,22 +125,170 @@ class Verdict:
 
     @classmethod
     def decode(cls, raw: bytes) -> Verdict:
+        """Fields this build does not know are ignored (a newer peer); every known field is
+        type-checked, so a malformed verdict is a ProtocolError, never a crash or a row."""
         data = _load(raw, cls.__name__)
-        known = {f.name for f in fields(cls)}
-        try:
-            v = cls(**{k: val for k, val in data.items() if k in known})
-        except TypeError as e:
-            raise ProtocolError(f"bad verdict: {e}") from None
-        if v.shape is not None:
-            v.shape = tuple(int(x) for x in v.shape)
-        if v.verdict not in VERDICTS:
-            raise ProtocolError(f"bad verdict kind {v.verdict!r}")
-        return v
+        known = {k: val for k, val in data.items() if k in _VERDICT_FIELDS}
+        return _build(cls, _checked(known, _VERDICT_FIELDS, "verdict"), "verdict")
 
     @property
     def passed(self) -> bool:
         """Only OK passes; everything else is a reject."""
         return self.verdict == "OK"
+
+
+@dataclass
+class Ack:
+    """The sink to one acquisition: `held` frame ids it journaled (or already tracks), and
+    `judged` frame id → (verdict, reason) for frames of that acquisition it has judged."""
+
+    held: list[str] = field(default_factory=list)
+    judged: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.held or self.judged)
+
+    def encode(self) -> bytes:
+        return json.dumps({"held": self.held, "judged": self.judged, "v": VERSION},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Ack:
+        data = _load(raw, cls.__name__)
+        held, judged = data.get("held", []), data.get("judged", {})
+        if not isinstance(held, list) or not isinstance(judged, dict):
+            raise ProtocolError("bad ack: held must be a list, judged a mapping")
+        try:
+            return cls([_id(f) for f in held],
+                       {_id(f): (_one_of(*VERDICTS)(r[0]), _optional(_text)(r[1]))
+                        for f, r in judged.items()})
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise ProtocolError(f"bad ack: {e}") from None
+
+
+@dataclass
+class Status:
+    """A role's live figures for the sink's metrics: `queue` frames waiting in it, and for a
+    worker its measured service time per SKU (ms for a batch of `max_batch`)."""
+
+    role: str
+    name: str
+    queue: int
+    service_ms: dict[str, float] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps({**asdict(self), "v": VERSION}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Status:
+        data = _load(raw, cls.__name__)
+        try:
+            queue = data["queue"]
+            if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
+                raise ValueError("queue: expected a count")
+            return cls(_one_of("acquire", "worker")(data["role"]), _text(data["name"]), queue,
+                       {valid_name(k): _number(v) for k, v in data.get("service_ms", {}).items()})
+        except (ValueError, TypeError, KeyError, AttributeError, ProtocolError) as e:
+            raise ProtocolError(f"bad status: {e}") from None
+
+
+# -- field checks: JSON from another process is untrusted until every field has its type ----
+_TEXT_MAX = 4096
+_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _id(v: Any) -> str:
+    if not isinstance(v, str) or not _ID.fullmatch(v):
+        raise ValueError("expected [A-Za-z0-9_.-]{1,64}")
+    return v
+
+
+def _text(v: Any) -> str:
+    if not isinstance(v, str) or len(v) > _TEXT_MAX:
+        raise ValueError(f"expected a string of at most {_TEXT_MAX} characters")
+    return v
+
+
+def _name_or_empty(v: Any) -> str:
+    return v if v == "" else valid_name(v)
+
+
+def _number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError("expected a finite number")
+    return float(v)
+
+
+def _shape(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list | tuple) or not 2 <= len(v) <= 3 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 < d < 2**31 for d in v):
+        raise ValueError("expected 2 or 3 positive integers")
+    return tuple(v)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return v
+    return check
+
+
+def _timings(v: Any) -> dict[str, float]:
+    if not isinstance(v, dict) or len(v) > 16:
+        raise ValueError("expected a mapping of at most 16 timings")
+    return {_text(k): _number(x) for k, x in v.items()}
+
+
+def _version(v: Any) -> int:
+    if v != VERSION:
+        raise ValueError(f"this build speaks {VERSION}")
+    return v
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else check(v)
+
+
+_HEADER_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "frame_id": _id, "camera": valid_name, "sku": valid_name, "capture_ts": _number,
+    "deadline_ts": _number, "shape": _shape, "dtype": _one_of("uint8", "uint16"),
+    "pixel_format": _one_of(*PIXEL_FORMATS), "part_id": _optional(_text), "line": _text,
+    "origin": _optional(_text), "v": _version,
+}
+_VERDICT_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "frame_id": _id, "verdict": _one_of(*VERDICTS), "camera": _name_or_empty,
+    "sku": _text, "line": _text, "part_id": _optional(_text), "origin": _optional(_text),
+    "capture_ts": _number, "deadline_ts": _number, "decided_ts": _number,
+    "reason": _optional(_text), "score": _optional(_number), "threshold": _optional(_number),
+    "pixel_threshold": _optional(_number), "model_version": _optional(_text),
+    "image_sha256": _optional(_text), "timings_ms": _timings, "shape": _optional(_shape),
+    "dtype": _optional(_one_of("uint8", "uint16")),
+    "pixel_format": _optional(_one_of(*PIXEL_FORMATS)), "v": _version,
+}
+
+
+def _checked(data: dict[str, Any], spec: dict[str, Callable[[Any], Any]],
+             what: str) -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        try:
+            out[key] = spec[key](value)
+        except (ValueError, TypeError, ProtocolError) as e:
+            raise ProtocolError(f"bad {what}: {key} {_short(value)}: {e}") from None
+    return out
+
+
+def _build(cls: Any, fields: dict[str, Any], what: str) -> Any:
+    try:
+        return cls(**fields)
+    except TypeError as e:  # a required field is missing
+        raise ProtocolError(f"bad {what}: {e}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _load(raw: bytes, what: str) -> dict[str, Any]:

@@ -1,15 +1,35 @@
-"""The acquisition role: one camera's frames onto the line, each announced to the sink first.
+"""The acquisition role: one camera's frames onto the line, none of them lost on the way.
 
-The announcement lets the sink audit a frame as TIMEOUT when no verdict arrives by its
-deadline (worker dead, frame lost). A frame that cannot be handed to a worker at once (no
-worker connected, worker queue full) is not buffered: it is audited as TIMEOUT right away.
+For every capture:
+
+1. announce it to the sink, which journals it and acknowledges: from then on the frame has
+   an audit row coming whatever happens to any role. An announcement not acknowledged
+   within RESEND_S is sent again (the sink answers a repeat idempotently), so a sink that
+   hangs or restarts loses nothing;
+2. hold it, ordered by deadline, in a queue bounded in bytes (`cameras.<name>.queue_bytes`);
+3. hand it to a worker when one has room, earliest deadline first. A held frame whose
+   deadline passes before a worker takes it is audited TIMEOUT ("no worker free"); the
+   worker sheds, by its measured service time, what reaches it too late to be scored.
+
+Admission is by deadline, not by count: a burst the line can judge in time waits here and
+is judged. When the queue is full, a file source (folder, video file) stops taking files
+until there is room again; a live camera cannot wait, so the frame nearest its deadline is
+shed (TIMEOUT, audited). A frame acquisition cannot read is audited ERROR at once.
+
+The sink tells acquisition each frame's outcome; a folder source then moves the file (OK,
+NG: `after`; ERROR, TIMEOUT: quarantine), so a file is never deleted unjudged. On stop, no
+new frame is taken, held frames are audited TIMEOUT, and acquisition waits up to
+`supervisor.drain_s` for the outcomes of the frames already with a worker.
 """
 
 from __future__ import annotations
 
+import heapq
+import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import structlog
@@ -17,9 +37,11 @@ import zmq
 
 from inspectd.core.config import LineSettings
 from inspectd.core.wire import (
+    ACK,
     ANNOUNCE,
     FRAME,
-    VERDICT,
+    JUDGED,
+    Ack,
     FrameHeader,
     ProtocolError,
     Verdict,
@@ -27,10 +49,75 @@ from inspectd.core.wire import (
     valid_name,
 )
 from inspectd.daemon.sources import Capture, open_source
-from inspectd.daemon.transport import TransportError, socket
+from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.acquire")
-WORKER_WAIT_S = 30.0
+RESEND_S = 1.0  # an announcement not acknowledged by then is sent again
+RECHECK_S = 5.0  # a frame with a worker and no outcome this long after its deadline: ask
+FEED_SLOTS = 4  # captures waiting between the source thread and the loop
+MAX_TRACKED = 100_000  # frame headers awaiting an acknowledgement or an outcome
+
+
+@dataclass
+class _Frame:
+    header: FrameHeader | None  # None: judged here (ERROR) without an announcement
+    message: list[bytes]  # what goes to the sink: the announcement, or our own verdict
+    image: np.ndarray | None  # pixels while held; None once handed on or shed
+    done: Callable[[str, str | None], None] | None
+    sent_at: float = 0.0  # monotonic, last time `message` went to the sink
+    acked: bool = False
+    dispatched: bool = False
+    judged_here: bool = False  # we sent its verdict (TIMEOUT): only its outcome is awaited
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes if self.image is not None else 0
+
+
+class _Feeder(threading.Thread):
+    """Runs the source's blocking frame loop and hands captures to the acquisition loop.
+
+    The hand-over queue is small: while the loop takes no capture (the holding queue is
+    full), `put` blocks and a file source stops reading files — back pressure.
+    """
+
+    def __init__(self, source: object, stop: threading.Event, ctx: zmq.Context,
+                 wake: str) -> None:
+        super().__init__(name="source", daemon=True)
+        self.source, self.stop, self.ctx, self.wake = source, stop, ctx, wake
+        self.q: queue.Queue[Capture] = queue.Queue(FEED_SLOTS)
+        self.error: BaseException | None = None
+        self.ended = threading.Event()
+
+    def run(self) -> None:
+        poke = self.ctx.socket(zmq.PUSH)
+        poke.setsockopt(zmq.LINGER, 0)
+        poke.setsockopt(zmq.SNDHWM, 1)
+        poke.connect(self.wake)
+        try:
+            for cap in self.source.frames(self.stop):  # type: ignore[attr-defined]
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(cap, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    break
+                _poke(poke)
+        except BaseException as e:  # reported by the loop: the role exits and is restarted
+            self.error = e
+        finally:
+            self.ended.set()
+            _poke(poke)
+            poke.close()
+
+
+def _poke(sock: zmq.Socket) -> None:
+    try:
+        sock.send(b"", zmq.NOBLOCK)
+    except zmq.Again:
+        pass  # a wake-up is already waiting
 
 
 class Acquirer:
@@ -38,53 +125,107 @@ class Acquirer:
                  ctx: zmq.Context | None = None) -> None:
         self.s, self.camera, self.cfg = settings, camera, settings.cameras[camera]
         self.ctx = ctx or zmq.Context.instance()
-        # Up to `worker.queue` frames wait here for a worker (a burst of files, a busy
-        # worker); past that the line is overloaded and a frame is audited as a reject at
-        # once, instead of queueing for longer than its deadline.
-        hwm = settings.worker.queue
+        # Frames wait in the holding queue here, not in ZeroMQ's pipes: one in flight.
         self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint(camera), bind=True,
-                             hwm=hwm, linger_ms=0)
-        self.sink = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False,
-                           hwm=10_000, send_timeout_ms=5000)
+                             hwm=1, linger_ms=0)
+        self.sink = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
+                           hwm=MAX_TRACKED, linger_ms=2000)
+        self.wake_endpoint = f"inproc://acquire-wake-{camera}-{id(self)}"
+        self.wake = self.ctx.socket(zmq.PULL)
+        self.wake.bind(self.wake_endpoint)
+        self.tracked: dict[str, _Frame] = {}  # sent to the sink, outcome not yet known
+        self.ready: list[tuple[float, int, str]] = []  # acknowledged, held: (deadline, n, id)
+        self.held_bytes = 0
+        self._seq = 0
         self.sent = self.shed = self.errors = 0
 
-    def run(self, stop: threading.Event, ready: Callable[[], None] = lambda: None) -> None:
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, stop: threading.Event, ready: Callable[[], None] = lambda: None,
+            heartbeat: Callable[[], None] = lambda: None) -> None:
         source = open_source(self.camera, self.cfg)
-        self.wait_for_worker(stop)
+        push_back = bool(getattr(source, "push_back", False))
+        taking = threading.Event()  # cleared on stop: the source stops, the loop drains
+        feeder = _Feeder(source, _Either(stop, taking), self.ctx, self.wake_endpoint)
+        feeder.start()
+        poller = zmq.Poller()
+        poller.register(self.sink, zmq.POLLIN)
+        poller.register(self.wake, zmq.POLLIN)
+        waiting_for_worker = False
         ready()
+        drain_until: float | None = None
         try:
-            for cap in source.frames(stop):
-                self.handle(cap)
-                if stop.is_set():
+            while True:
+                heartbeat()
+                if stop.is_set() and drain_until is None:
+                    taking.set()
+                    drain_until = time.monotonic() + self.s.supervisor.drain_s
+                    self._stop_holding()
+                if drain_until is not None and (not self.tracked
+                                                or time.monotonic() > drain_until):
                     break
+                if feeder.error is not None:
+                    raise feeder.error
+                if feeder.ended.is_set() and feeder.q.empty() and not self.tracked \
+                        and drain_until is None:
+                    log.info("camera source ended", camera=self.camera)
+                    break
+                if bool(self.ready) != waiting_for_worker:  # POLLOUT: a worker has room
+                    waiting_for_worker = bool(self.ready)
+                    if waiting_for_worker:
+                        poller.register(self.frames, zmq.POLLOUT)
+                    else:
+                        poller.unregister(self.frames)
+                events = dict(poller.poll(self._poll_ms()))
+                if self.wake in events:
+                    while True:
+                        try:
+                            self.wake.recv(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                if self.sink in events:
+                    self._receive_acks()
+                if drain_until is None:
+                    self._take(feeder.q, push_back)
+                self._dispatch()
+                self._expire()
+                self._resend()
         finally:
+            taking.set()
             source.close()
+            feeder.join(timeout=5)
             self.close()
-
-    def wait_for_worker(self, stop: threading.Event, timeout: float = WORKER_WAIT_S) -> bool:
-        """Before the first frame, wait until a worker has connected: workers connect to this
-        camera's endpoint only once it is bound, and a frame sent before that is shed."""
-        mon = self.frames.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        try:
-            end = time.monotonic() + timeout
-            while not stop.is_set() and time.monotonic() < end:
-                if mon.poll(100):
-                    return True
-        finally:
-            self.frames.disable_monitor()
-            mon.close(0)
-        log.warning("no worker connected; frames are audited as TIMEOUT until one does",
-                    camera=self.camera, waited_s=timeout)
-        return False
 
     def close(self) -> None:
         self.frames.close()
         self.sink.close()
+        self.wake.close(0)
+
+    def _poll_ms(self) -> int:
+        # Wake for the next deadline among held frames, and at least every 100 ms for the
+        # heartbeat and resends.
+        timeout = 0.1
+        if self.ready:
+            timeout = min(timeout, max(0.0, self.ready[0][0] - time.time()))
+        return int(timeout * 1000) + 1
+
+    # -- captures in ------------------------------------------------------------------------
+    def _take(self, q: queue.Queue[Capture], push_back: bool) -> None:
+        limit = self.cfg.queue_bytes
+        while len(self.tracked) < MAX_TRACKED:
+            if push_back and self.held_bytes >= limit:
+                return  # the source waits: no file is shed for want of room
+            try:
+                cap = q.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(cap)
+            while not push_back and self.held_bytes > limit and self._shed_nearest():
+                pass
 
     def handle(self, cap: Capture) -> str:
-        """Send one capture on; returns what happened: sent, shed or error."""
-        fid = new_frame_id()
-        deadline = cap.capture_ts + self.cfg.deadline_ms / 1000
+        """Take one capture on: announced and held, or audited ERROR; returns which."""
+        fid = cap.frame_id or new_frame_id()
+        deadline = (cap.received_ts or cap.capture_ts) + self.cfg.deadline_ms / 1000
         sku = cap.sku or self.cfg.sku or ""
         image = cap.image
         reason = cap.error
@@ -93,44 +234,184 @@ class Acquirer:
                 valid_name(sku, "sku")
             except ProtocolError as e:
                 reason = str(e)
-        if reason is None and (image is None or image.dtype not in (np.uint8, np.uint16)):
+        if reason is None and (image is None or image.dtype not in (np.uint8, np.uint16)
+                               or not 2 <= image.ndim <= 3):
             reason = "frame without uint8/uint16 pixels"
         if reason is not None:
-            self._verdict(Verdict(frame_id=fid, verdict="ERROR", camera=self.camera, sku=sku,
-                                  line=self.s.line, part_id=cap.part_id, origin=cap.origin,
-                                  capture_ts=cap.capture_ts, deadline_ts=deadline,
-                                  reason=reason))
+            v = Verdict(frame_id=fid, verdict="ERROR", camera=self.camera,
+                        sku=sku if _is_name(sku) else "", line=self.s.line,
+                        part_id=cap.part_id, origin=cap.origin, capture_ts=cap.capture_ts,
+                        deadline_ts=deadline, reason=reason)
+            self._track(_Frame(None, [JUDGED, v.encode()], None, cap.done), fid)
             self.errors += 1
-            outcome = "error"
-        else:
-            image = np.ascontiguousarray(image)
-            h = FrameHeader(fid, self.camera, sku, cap.capture_ts, deadline, image.shape,
-                            str(image.dtype), cap.pixel_format, cap.part_id, self.s.line,
-                            cap.origin)
-            head = h.encode()
-            self._to_sink([ANNOUNCE, head])
+            return "error"
+        image = np.ascontiguousarray(image)
+        h = FrameHeader(fid, self.camera, sku, cap.capture_ts, deadline, image.shape,
+                        str(image.dtype), cap.pixel_format, cap.part_id, self.s.line,
+                        cap.origin)
+        self._track(_Frame(h, [ANNOUNCE, h.encode()], image, cap.done), fid)
+        return "held"
+
+    def _track(self, f: _Frame, fid: str) -> None:
+        old = self.tracked.get(fid)
+        if old is not None:  # the same file seen again (a repeated event): one is enough
+            return
+        self.tracked[fid] = f
+        self.held_bytes += f.nbytes
+        self._to_sink(f)
+
+    # -- the sink's answers -----------------------------------------------------------------
+    def _receive_acks(self) -> None:
+        while True:
             try:
-                # copy=False: ZeroMQ sends from this array, which is this frame's own buffer.
-                self.frames.send_multipart([FRAME, head, image], flags=zmq.NOBLOCK, copy=False)
-                self.sent += 1
-                outcome = "sent"
+                parts = self.sink.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                self._verdict(Verdict.for_frame(
-                    h, "TIMEOUT", "overload: no worker ready to take the frame"))
-                self.shed += 1
-                outcome = "shed"
-        if cap.done is not None:
-            cap.done()
-        return outcome
+                return
+            if len(parts) != 2 or parts[0] != ACK:
+                log.warning("unexpected message from the sink", parts=len(parts))
+                continue
+            try:
+                ack = Ack.decode(parts[1])
+            except ProtocolError as e:
+                log.warning("unreadable acknowledgement from the sink", error=str(e))
+                continue
+            for fid in ack.held:
+                f = self.tracked.get(fid)
+                if f is not None and not f.acked and not f.judged_here:
+                    f.acked = True
+                    if f.image is not None and f.header is not None:
+                        self._seq += 1
+                        heapq.heappush(self.ready, (f.header.deadline_ts, self._seq, fid))
+                    elif not f.dispatched and f.header is not None:
+                        self._judge_here(fid, f, "overload: shed from the holding queue")
+            for fid, (verdict, reason) in ack.judged.items():
+                self._finish(fid, verdict, reason)
 
-    def _verdict(self, v: Verdict) -> None:
-        self._to_sink([VERDICT, v.encode()])
+    def _finish(self, fid: str, verdict: str, reason: str | None) -> None:
+        """The frame's outcome is known: let go of it (a folder source disposes of the file)."""
+        f = self.tracked.pop(fid, None)
+        if f is None:
+            return
+        self.held_bytes -= f.nbytes
+        f.image = None
+        if f.done is not None:
+            f.done(verdict, reason)
 
-    def _to_sink(self, parts: list[bytes]) -> None:
+    # -- frames out ---------------------------------------------------------------------------
+    def _dispatch(self) -> None:
+        while self.ready:
+            deadline, _, fid = self.ready[0]
+            f = self.tracked.get(fid)
+            if f is None or f.image is None or f.header is None:
+                heapq.heappop(self.ready)
+                continue
+            if deadline <= time.time():
+                return  # _expire audits it
+            try:
+                # copy=False: ZeroMQ sends from this frame's own array, never reused.
+                self.frames.send_multipart([FRAME, f.message[1], f.image], flags=zmq.NOBLOCK,
+                                           copy=False)
+            except zmq.Again:
+                return  # no worker has room: the frame stays held
+            heapq.heappop(self.ready)
+            self.held_bytes -= f.nbytes
+            f.image = None
+            f.dispatched = True
+            f.sent_at = time.monotonic()
+            self.sent += 1
+            if f.done is None:  # nobody needs its outcome here
+                self.tracked.pop(fid, None)
+
+    def _expire(self) -> None:
+        now = time.time()
+        while self.ready and self.ready[0][0] <= now:
+            deadline, _, fid = heapq.heappop(self.ready)
+            f = self.tracked.get(fid)
+            if f is None or f.image is None:
+                continue
+            held = (now - f.header.capture_ts) * 1000 if f.header else 0.0
+            self._judge_here(fid, f, f"no worker free before the deadline (held {held:.0f} ms)")
+
+    def _shed_nearest(self) -> bool:
+        """Live camera, queue full: shed the held frame nearest its deadline."""
+        held = [(f.header.deadline_ts, fid) for fid, f in self.tracked.items()
+                if f.image is not None and f.header is not None]
+        if not held:
+            return False
+        _, fid = min(held)
+        f = self.tracked[fid]
+        self.held_bytes -= f.nbytes
+        f.image = None
+        if f.acked:
+            self._judge_here(fid, f, "overload: shed from the holding queue")
+        # else: judged when its acknowledgement comes (no pixels left to send)
+        return True
+
+    def _judge_here(self, fid: str, f: _Frame, reason: str) -> None:
+        """Audit a held frame TIMEOUT from here; the outcome comes back in an ack."""
+        assert f.header is not None
+        self.held_bytes -= f.nbytes
+        f.image = None
+        f.acked = False
+        f.judged_here = True
+        f.message = [JUDGED, Verdict.for_frame(f.header, "TIMEOUT", reason).encode()]
+        self.shed += 1
+        self._to_sink(f)
+
+    def _stop_holding(self) -> None:
+        """On stop: frames no worker has are audited TIMEOUT now."""
+        for fid, f in list(self.tracked.items()):
+            if f.image is not None and f.header is not None:
+                self._judge_here(fid, f, "daemon stopped before the frame was scored")
+        self.ready.clear()
+
+    # -- to the sink ----------------------------------------------------------------------------
+    def _to_sink(self, f: _Frame) -> None:
+        f.sent_at = time.monotonic()
         try:
-            self.sink.send_multipart(parts)
+            self.sink.send_multipart(f.message, zmq.NOBLOCK)
         except zmq.Again:
-            raise TransportError(
-                f"{self.s.sink_address()}: sink not accepting messages for 5 s"
-            ) from None
+            pass  # the sink is not reading: sent again by _resend
 
+    def _resend(self) -> None:
+        """Announcements and own verdicts the sink has not acknowledged (a sink restarted,
+        hung, or not up yet); and, now and then, frames with a worker whose outcome is
+        overdue (the sink that judged them may have restarted)."""
+        now = time.monotonic()
+        wall = time.time()
+        for f in self.tracked.values():
+            if not f.acked:
+                due = f.sent_at + RESEND_S
+            elif f.dispatched and f.header is not None and wall > f.header.deadline_ts:
+                due = f.sent_at + RECHECK_S
+            else:
+                continue
+            if now >= due:
+                self._to_sink(f)
+
+
+class _Either:
+    """An Event-like view that is set when either event is."""
+
+    def __init__(self, a: threading.Event, b: threading.Event) -> None:
+        self.a, self.b = a, b
+
+    def is_set(self) -> bool:
+        return self.a.is_set() or self.b.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.a.wait(0.05 if left is None else min(left, 0.05))
+        return True
+
+
+def _is_name(sku: str) -> bool:
+    try:
+        valid_name(sku)
+    except ProtocolError:
+        return False
+    return True

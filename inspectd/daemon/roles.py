@@ -9,7 +9,6 @@ take one each.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -44,9 +43,7 @@ def run_role(
             from inspectd.core.errors import ConfigError
 
             raise ConfigError(f"no camera {name!r} in the config ({sorted(settings.cameras)})")
-        if heartbeat is not None:  # the source blocks while idle: beat from a thread
-            _beat_thread(heartbeat, stop)
-        Acquirer(settings, name).run(stop, ready)
+        Acquirer(settings, name).run(stop, ready, heartbeat or (lambda: None))
     elif role == "worker":
         from inspectd.daemon.worker import Worker
 
@@ -74,12 +71,3 @@ def run_role(
             sink.heartbeat = _hb
         ready()
         sink.run(stop)
-
-
-def _beat_thread(heartbeat: Callable[[], None], stop: threading.Event) -> None:
-    def loop() -> None:
-        while not stop.is_set():
-            heartbeat()
-            time.sleep(0.5)
-
-    threading.Thread(target=loop, name="heartbeat", daemon=True).start()

@@ -1,11 +1,19 @@
 """The sink: the only writer of the audit log, and the place where every frame is judged once.
 
-It receives announcements (from acquisition) and verdicts (from workers, or from acquisition
-for frames that never reached a worker) on one PULL socket. Each announced frame is tracked
-against its deadline: no verdict by deadline + grace means TIMEOUT. The first verdict for a
-frame id wins; a later one (a worker finishing after the TIMEOUT) is counted as late and
-ignored, so every frame gets exactly one audited verdict. What the sink takes on goes to its
-journal first (`storage.journal`), so a restarted sink finishes what a dead one left.
+One ROUTER socket takes announcements and acquisition's own verdicts (from each camera's
+acquisition), and verdicts and status (from workers). An announcement is journaled
+(`storage.journal`) before the sink acknowledges it, and acquisition hands a frame to a
+worker only after that, so a sink that hangs or dies loses no frame: its successor replays
+the journal, and acquisition re-sends what was never acknowledged. Each announced frame is
+tracked against its deadline: no verdict by deadline + grace means TIMEOUT. The first
+verdict for a frame id wins; a later one is counted as late and ignored, so every frame gets
+exactly one audited verdict. A worker's verdict for a frame never announced is refused (a
+forged or stray message must not pass a part), and the audit row takes the frame's camera,
+SKU, part and times from the announcement, not from the worker. Acquisition learns each of
+its frames' outcome in the acknowledgements (a folder source moves the file accordingly).
+
+Every message is decoded into validated types; one that is malformed, or that fails for any
+other reason, is counted, logged and dropped: never a crash, never a row.
 """
 
 from __future__ import annotations
@@ -13,9 +21,9 @@ from __future__ import annotations
 import heapq
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -23,11 +31,16 @@ import zmq
 
 from inspectd.core.config import LineSettings
 from inspectd.core.wire import (
+    ACK,
     ANNOUNCE,
+    JUDGED,
+    STATUS,
     UNKNOWN_SKU,
     VERDICT,
+    Ack,
     FrameHeader,
     ProtocolError,
+    Status,
     Verdict,
     pixels_to_array,
     to_rgb8,
@@ -51,6 +64,7 @@ class SinkCounts:
     by_verdict: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
         ("OK", "NG", "ERROR", "TIMEOUT"), 0))
     late: int = 0
+    refused: int = 0  # verdicts for frames never announced, malformed messages
     pending: int = 0
 
     def summary(self) -> str:
@@ -66,7 +80,8 @@ class Sink:
                  heartbeat: Callable[[], None] | None = None) -> None:
         self.s = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.inbox = socket(self.ctx, zmq.PULL, settings.sink_address(), bind=True, hwm=100_000)
+        self.inbox = socket(self.ctx, zmq.ROUTER, settings.sink_address(), bind=True,
+                            hwm=100_000)
         db = settings.sink.database
         self.audit = AuditLog(settings.database_url(), settings.spool_dir, db.commit_rows,
                               db.commit_interval_ms / 1000, db.retry_s)
@@ -79,9 +94,12 @@ class Sink:
         self.counts = SinkCounts()
         self._pending: dict[str, FrameHeader] = {}
         self._deadlines: list[tuple[float, str]] = []
-        # Frame ids already judged, to ignore late or repeated messages (bounded).
-        self._judged: OrderedDict[str, None] = OrderedDict()
+        # Frame ids already judged → (verdict, reason), to ignore late or repeated messages
+        # and to answer a re-sent announcement (bounded).
+        self._judged: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
         self._judged_max = 4 * settings.sink.max_pending
+        self._owner: dict[str, bytes] = {}  # pending frame id → its acquisition's identity
+        self._acks: defaultdict[bytes, Ack] = defaultdict(Ack)  # to send at the end of a step
         self.journal = Journal(settings.journal_dir)
         self._recover()
 
@@ -94,7 +112,7 @@ class Sink:
         if not rec.segments:
             return
         for v, paths in rec.rows:
-            self._remember(v.frame_id)
+            self._remember(v)
             self.audit.record(v, paths)
         self.journal.recovered(self.audit.rows_recorded)
         expired = 0
@@ -102,8 +120,12 @@ class Sink:
         for h in rec.pending:
             if h.deadline_ts + self.s.sink.timeout_grace_ms / 1000 < now:
                 expired += 1
+                # Offered to the PLC as of its deadline: the output's maximum age drops it
+                # (counted) once its part has gone on, so a late reject never hits another
+                # part; with no maximum age the PLC gets it, with its part id.
                 self._judge(Verdict.for_frame(
-                    h, "TIMEOUT", "no verdict by the deadline (the sink restarted)"), plc=False)
+                    h, "TIMEOUT", "no verdict by the deadline (the sink restarted)"),
+                    plc_as_of=h.deadline_ts)
             else:
                 self._track(h)
         log.warning("sink journal replayed", why="a previous sink stopped without finishing",
@@ -125,6 +147,7 @@ class Sink:
             for fid in list(self._pending):
                 self._judge(Verdict.for_frame(self._pending[fid], "TIMEOUT",
                                               "daemon stopped before a verdict arrived"))
+            self._send_acks()
         finally:
             self.close()
 
@@ -138,9 +161,12 @@ class Sink:
                     break
                 self._dispatch(parts)
         self._expire(time.time())
+        self._send_acks()
         self.audit.poll()
         self.journal.collect(self.audit.rows_durable)
         self.output.tick()
+        for reason, n in self.output.take_drops().items():
+            self.metrics.dropped(reason, n)
         self.counts.pending = len(self._pending)
         self.metrics.set_pending(len(self._pending))
         self.metrics.set_plc_up(self.output.healthy)
@@ -158,27 +184,82 @@ class Sink:
 
     # -- messages -------------------------------------------------------------------------
     def _dispatch(self, parts: list[zmq.Frame]) -> None:
-        kind = parts[0].bytes if parts else b""
+        """One message from the ROUTER: [sender identity, kind, payload...]."""
+        sender = parts[0].bytes if parts else b""
+        kind = parts[1].bytes if len(parts) > 1 else b""
+        n = len(parts) - 1
         try:
-            if kind == ANNOUNCE and len(parts) == 2:
-                self._announce(FrameHeader.decode(parts[1].bytes))
-            elif kind == VERDICT and 2 <= len(parts) <= 4:
-                v = Verdict.decode(parts[1].bytes)
-                self._judge(v, *(p.buffer for p in parts[2:]))
+            if kind == ANNOUNCE and n == 2:
+                self._announce(FrameHeader.decode(parts[2].bytes), sender)
+            elif kind == JUDGED and n == 2:
+                self._own_verdict(Verdict.decode(parts[2].bytes), sender)
+            elif kind == VERDICT and 2 <= n <= 4:
+                self._worker_verdict(Verdict.decode(parts[2].bytes),
+                                     *(p.buffer for p in parts[3:]))
+            elif kind == STATUS and n == 2:
+                st = Status.decode(parts[2].bytes)
+                if st.role == "worker":
+                    self.metrics.set_worker_queue(st.name, st.queue)
             else:
-                raise ProtocolError(f"unknown message {kind[:16]!r} with {len(parts)} parts")
+                raise ProtocolError(f"unknown message {kind[:16]!r} with {n} parts")
         except ProtocolError as e:
-            self.metrics.dropped("malformed message")
-            log.error("malformed message on the sink socket", error=str(e))
+            self._refuse("malformed message", error=str(e))
+        except Exception as e:  # a message must never stop the sink: it is dropped, loudly
+            log.exception("message failed; dropped", kind=kind[:16])
+            self._refuse("failed message", error=f"{type(e).__name__}: {e}")
 
-    def _announce(self, h: FrameHeader) -> None:
-        if h.frame_id in self._judged or h.frame_id in self._pending:
-            return  # its verdict overtook the announcement
-        if len(self._pending) >= self.s.sink.max_pending:
-            self._judge(Verdict.for_frame(h, "TIMEOUT", "overload: sink tracking limit"))
+    def _refuse(self, reason: str, **fields: object) -> None:
+        self.counts.refused += 1
+        self.metrics.dropped(reason)
+        log.error(f"{reason} on the sink socket, dropped", **fields)
+
+    def _announce(self, h: FrameHeader, sender: bytes) -> None:
+        fid = h.frame_id
+        if fid in self._judged:  # re-sent, or a file announced again after a restart
+            self._acks[sender].judged[fid] = self._judged[fid]
             return
-        self.journal.announce(h)
-        self._track(h)
+        if fid not in self._pending:
+            if len(self._pending) >= self.s.sink.max_pending:
+                self._owner[fid] = sender
+                self._judge(Verdict.for_frame(h, "TIMEOUT", "overload: sink tracking limit"))
+                return
+            self.journal.announce(h)
+            self._track(h)
+        self._owner[fid] = sender
+        self._acks[sender].held.append(fid)
+
+    def _own_verdict(self, v: Verdict, sender: bytes) -> None:
+        """Acquisition's verdict on a frame it never handed to a worker (unreadable, shed)."""
+        fid = v.frame_id
+        if fid not in self._judged:
+            h = self._pending.get(fid)
+            if h is not None:  # announced earlier: the announcement's fields stand
+                v = _from_announcement(v, h)
+            self._owner[fid] = sender
+            self._judge(v)
+        else:
+            self._acks[sender].judged[fid] = self._judged[fid]
+
+    def _worker_verdict(self, v: Verdict, pixels: memoryview | None = None,
+                        amap: memoryview | None = None) -> None:
+        h = self._pending.get(v.frame_id)
+        if h is not None:
+            self._judge(_from_announcement(v, h), pixels, amap)
+        elif v.frame_id in self._judged:
+            self.counts.late += 1
+            self.metrics.late()
+            log.info("late verdict ignored", frame_id=v.frame_id, verdict=v.verdict)
+        else:
+            self._refuse("verdict for a frame never announced", frame_id=v.frame_id,
+                         verdict=v.verdict)
+
+    def _send_acks(self) -> None:
+        for sender, ack in self._acks.items():
+            try:
+                self.inbox.send_multipart([sender, ACK, ack.encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:  # gone or not reading: it re-sends what stays unacknowledged
+                pass
+        self._acks.clear()
 
     def _track(self, h: FrameHeader) -> None:
         self._pending[h.frame_id] = h
@@ -194,17 +275,19 @@ class Sink:
                     h, "TIMEOUT", "no verdict by the deadline (worker dead, hung or overloaded)"))
 
     def _judge(self, v: Verdict, pixels: memoryview | None = None,
-               amap: memoryview | None = None, plc: bool = True) -> None:
+               amap: memoryview | None = None, plc_as_of: float | None = None) -> None:
         if v.frame_id in self._judged:
             self.counts.late += 1
             self.metrics.late()
             log.info("late verdict ignored", frame_id=v.frame_id, verdict=v.verdict)
             return
         self._pending.pop(v.frame_id, None)
-        self._remember(v.frame_id)
+        self._remember(v)
+        owner = self._owner.pop(v.frame_id, None)
+        if owner is not None:
+            self._acks[owner].judged[v.frame_id] = (v.verdict, v.reason)
         self.journal.judged(v)
-        if plc:
-            self.output.send(v)
+        self.output.send(v if plc_as_of is None else replace(v, decided_ts=plc_as_of))
         paths = self._save_images(v, pixels, amap)
         self.journal.recorded(v.frame_id, paths, self.audit.record(v, paths))
         self.events.publish(v, paths)
@@ -214,8 +297,8 @@ class Sink:
         if v.model_version:
             self.metrics.set_model(v.sku, v.model_version)
 
-    def _remember(self, frame_id: str) -> None:
-        self._judged[frame_id] = None
+    def _remember(self, v: Verdict) -> None:
+        self._judged[v.frame_id] = (v.verdict, v.reason)
         if len(self._judged) > self._judged_max:
             self._judged.popitem(last=False)
 
@@ -240,3 +323,10 @@ class Sink:
         except (ProtocolError, ValueError, OSError) as e:
             log.error("could not save frame images", frame_id=v.frame_id, error=str(e))
             return None
+
+
+def _from_announcement(v: Verdict, h: FrameHeader) -> Verdict:
+    """The judgement from `v`; where, what and when from the frame's announcement."""
+    return replace(v, camera=h.camera, sku=h.sku, line=h.line, part_id=h.part_id,
+                   origin=h.origin, capture_ts=h.capture_ts, deadline_ts=h.deadline_ts,
+                   shape=h.shape, dtype=h.dtype, pixel_format=h.pixel_format)

@@ -6,9 +6,10 @@ dies is restarted, at most `restart_limit` times per `restart_window_s`; past th
 supervisor stops the line and exits non-zero so systemd's Restart= takes over. A child whose
 heartbeat is older than `heartbeat_timeout_s` is hung: it is killed and restarted.
 
-Signal handlers only set a flag; the main loop acts. Shutdown order: acquisition stops (no
-new frames), workers get `drain_s` to finish what is in flight, then the sink audits what is
-still pending as TIMEOUT and closes the audit log.
+Signal handlers only set a flag; the main loop acts. Shutdown order: acquisition stops taking
+frames, audits the ones it still holds as TIMEOUT and waits up to `drain_s` for the outcomes
+of those with a worker; workers get the rest of `drain_s`; then the sink audits what is still
+pending as TIMEOUT and closes the audit log.
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ class Supervisor:
         drain = self.s.supervisor.drain_s
         self.notifier.extend_timeout(drain + 30)
         log.info("stopping", status=self._status_line())
-        self._stop_group("acquire", 10)
+        self._stop_group("acquire", drain + 10)  # each waits ≤ drain_s for its outcomes
         end = time.monotonic() + drain
         while self.status()["pending"] and time.monotonic() < end and self._sink_alive():
             time.sleep(0.05)

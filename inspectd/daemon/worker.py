@@ -1,13 +1,18 @@
 """The scoring worker: frames in, one verdict per frame out, micro-batched by SKU.
 
-Frames stay in ZeroMQ's bounded queue until the worker has room (`worker.queue`), so an
-overloaded worker pushes back on acquisition (which then audits the frame it cannot hand on)
-instead of growing memory. A frame whose deadline has passed before scoring is not scored.
+The worker holds two batches' worth of frames; the rest wait at acquisition, earliest
+deadline first. It measures, per SKU, how long a batch of n frames takes (t(n) = a + b·n,
+fitted to its recent batches), and before scoring a batch keeps the largest set of frames,
+earliest deadline first, that the batch can still judge in time: a frame that cannot make
+its deadline even alone is audited TIMEOUT unscored, and frames that would make the batch
+too slow for the earlier ones wait for the next batch instead of being shed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -24,10 +29,12 @@ from inspectd.core.config import LineSettings
 from inspectd.core.errors import InspectdError
 from inspectd.core.wire import (
     FRAME,
+    STATUS,
     UNKNOWN_SKU,
     VERDICT,
     FrameHeader,
     ProtocolError,
+    Status,
     Verdict,
     pixels_to_array,
     to_rgb8,
@@ -35,6 +42,38 @@ from inspectd.core.wire import (
 from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.worker")
+STATUS_EVERY_S = 1.0
+LOAD_RETRY_S = (2.0, 60.0)  # a SKU whose model fails to load: retry after 2 s, doubling to 60
+
+
+class ServiceTime:
+    """How long scoring a batch of n frames of one SKU takes: t(n) = a + b·n, least squares
+    over its last WINDOW batches (proportional, t = b·n, while every batch had the same n).
+    Per SKU, so a slow model never makes a fast one shed."""
+
+    WINDOW = 32
+
+    def __init__(self) -> None:
+        self._obs: deque[tuple[int, float]] = deque(maxlen=self.WINDOW)
+
+    def add(self, n: int, seconds: float) -> None:
+        if n > 0 and math.isfinite(seconds) and seconds >= 0:
+            self._obs.append((n, seconds))
+
+    def estimate(self, n: int) -> float | None:
+        """Seconds for a batch of n, or None before the first batch."""
+        if not self._obs:
+            return None
+        ns = [o[0] for o in self._obs]
+        ts = [o[1] for o in self._obs]
+        mean_n, mean_t = sum(ns) / len(ns), sum(ts) / len(ts)
+        var = sum((x - mean_n) ** 2 for x in ns)
+        if var == 0:
+            return mean_t / mean_n * n
+        b = sum((x - mean_n) * (t - mean_t) for x, t in zip(ns, ts, strict=True)) / var
+        b = max(b, 0.0)
+        a = max(mean_t - b * mean_n, 0.0)
+        return a + b * n
 
 
 @dataclass
@@ -44,13 +83,31 @@ class _Frame:
     received: float  # time.time() when it left ZeroMQ
 
 
+class NoModel(InspectdError):
+    """The SKU has no model in the registry (no `current`)."""
+
+
+class ModelUnavailable(InspectdError):
+    """The SKU's current version cannot be loaded (a broken artifact, missing weights)."""
+
+
+@dataclass
+class _Failure:
+    version: str
+    reason: str
+    retry_at: float  # monotonic
+    delay: float
+
+
 class ModelCache:
     """SKU → loaded detector for the version `current` points at; least recently used evicted.
 
     A SKU's first model loads in the foreground (there is nothing else to score with). A new
     version of a loaded SKU loads in a background thread while the old one keeps scoring;
     the swap happens between batches, so a batch is scored by one version and every verdict
-    names the version that scored it.
+    names the version that scored it. A version that fails to load is retried with backoff
+    (LOAD_RETRY_S), and meanwhile that SKU's frames fail at once (ERROR) instead of each
+    batch paying for another load: a broken artifact costs its own SKU only.
     """
 
     def __init__(self, models_dir: Path, size: int, device: str, precision: str,
@@ -61,14 +118,17 @@ class ModelCache:
         self._cache: OrderedDict[str, tuple[str, object]] = OrderedDict()
         self._loading: dict[str, tuple[str, threading.Thread]] = {}
         self._loaded: dict[str, tuple[str, object]] = {}  # finished background loads
-        self._failed: dict[str, tuple[str, float]] = {}  # sku → (version, when), for backoff
+        self._failed: dict[str, _Failure] = {}  # sku → its version that failed to load
         self._lock = threading.Lock()
 
     def get(self, sku: str) -> tuple[str, object]:
         """(version, detector); re-resolves `current` each call so a promotion takes effect."""
         from inspectd.lifecycle.registry import current_version
 
-        version, path = current_version(self.models_dir, sku)
+        try:
+            version, path = current_version(self.models_dir, sku)
+        except InspectdError as e:
+            raise NoModel(str(e)) from None
         with self._lock:
             done = self._loaded.pop(sku, None)
         if done is not None and done[0] == version:
@@ -79,8 +139,16 @@ class ModelCache:
             self._cache.move_to_end(sku)
             return hit
         if hit is None:
-            with _beating(self.heartbeat):  # loading and warming up is slow, not hung
-                entry = (version, self._load(sku, version, path))
+            failed = self._failed.get(sku)
+            if failed is not None and failed.version == version and \
+                    time.monotonic() < failed.retry_at:
+                raise ModelUnavailable(failed.reason)
+            try:
+                with _beating(self.heartbeat):  # loading and warming up is slow, not hung
+                    entry = (version, self._load(sku, version, path))
+            except Exception as e:
+                raise ModelUnavailable(self._failure(sku, version, e)) from None
+            self._failed.pop(sku, None)
             self._put(sku, entry)
             return entry
         self._load_in_background(sku, version, path)
@@ -107,7 +175,8 @@ class ModelCache:
         if busy is not None and busy[1].is_alive():
             return
         failed = self._failed.get(sku)
-        if failed is not None and failed[0] == version and time.monotonic() - failed[1] < 30:
+        if failed is not None and failed.version == version and \
+                time.monotonic() < failed.retry_at:
             return  # a broken version: the old one keeps scoring; retry now and then
 
         def run() -> None:
@@ -116,7 +185,7 @@ class ModelCache:
             except Exception as e:  # keep scoring with the loaded version
                 log.error("new model version failed to load; keeping the old one", sku=sku,
                           version=version, error=str(e))
-                self._failed[sku] = (version, time.monotonic())
+                self._failure(sku, version, e)
                 return
             with self._lock:
                 self._loaded[sku] = (version, det)
@@ -125,6 +194,18 @@ class ModelCache:
         self._loading[sku] = (version, t)
         log.info("loading new model version in the background", sku=sku, version=version)
         t.start()
+
+    def _failure(self, sku: str, version: str, e: Exception) -> str:
+        """Record a failed load; the next try waits twice as long as the last (capped)."""
+        last = self._failed.get(sku)
+        low, high = LOAD_RETRY_S
+        delay = min(last.delay * 2, high) if last is not None and last.version == version \
+            else low
+        reason = f"model {sku} {version} cannot be loaded: {type(e).__name__}: {e}"
+        self._failed[sku] = _Failure(version, reason, time.monotonic() + delay, delay)
+        log.error("model failed to load", sku=sku, version=version, error=str(e),
+                  retry_in_s=delay)
+        return reason
 
     def versions(self) -> dict[str, str]:
         return {sku: v for sku, (v, _) in self._cache.items()}
@@ -156,14 +237,16 @@ class Worker:
         self.ctx = ctx or zmq.Context.instance()
         endpoints = [settings.frames_endpoint(c) for c in settings.cameras]
         self.frames = socket(self.ctx, zmq.PULL, endpoints, bind=False, hwm=w.max_batch)
-        self.out = socket(self.ctx, zmq.PUSH, settings.sink_address(), bind=False, hwm=10_000,
-                          send_timeout_ms=5000)
+        self.out = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
+                          hwm=10_000)
         self.heartbeat = heartbeat or (lambda: None)
         self.models = ModelCache(settings.models_dir, w.model_cache, w.device, w.precision,
                                  self.heartbeat)
         self.queue: deque[_Frame] = deque()
-        self._ms_per_image: float | None = None  # moving average of inference time
+        self.service: dict[str, ServiceTime] = {}
+        self.name = f"{settings.line}-{os.getpid()}"
         self._ok_seen = 0
+        self._status_due = 0.0
 
     def preload(self) -> None:
         """Load (and warm up) models before the line reports ready, so the first frames are not
@@ -182,6 +265,7 @@ class Worker:
         poller.register(self.frames, zmq.POLLIN)
         while not stop.is_set():
             self.heartbeat()
+            self._status()
             self._receive()
             batch, wait = self._next_batch()
             if batch:
@@ -193,6 +277,18 @@ class Worker:
     def close(self) -> None:
         self.frames.close(0)
         self.out.close()
+
+    def _status(self) -> None:
+        """Queue depth and service times to the sink (metrics), about once a second."""
+        now = time.monotonic()
+        if now < self._status_due:
+            return
+        self._status_due = now + STATUS_EVERY_S
+        n = self.s.worker.max_batch
+        service = {sku: est * 1000 for sku, st in self.service.items()
+                   if (est := st.estimate(n)) is not None}
+        self._send_parts([STATUS, Status("worker", self.name, len(self.queue),
+                                         service).encode()])
 
     # -- batching -------------------------------------------------------------------------
     def _receive(self) -> None:
@@ -228,7 +324,33 @@ class Worker:
             return [], w.max_wait_ms / 1000 - waited
         ids = {id(f) for f in same}
         self.queue = deque(f for f in self.queue if id(f) not in ids)
-        return same, None
+        return self._plan(same), None
+
+    def _plan(self, batch: list[_Frame]) -> list[_Frame]:
+        """The frames this batch can judge in time, earliest deadline first. Frames that
+        cannot make their deadline even alone are audited TIMEOUT unscored; frames that would
+        make the batch too slow for an earlier deadline go back to the queue's head."""
+        st = self.service.get(batch[0].header.sku)
+        if st is None or st.estimate(1) is None:
+            return batch  # not measured yet: score them all
+        now = time.time()
+        batch = sorted(batch, key=lambda f: f.header.deadline_ts)
+        alone = st.estimate(1)
+        keep: list[_Frame] = []
+        later: list[_Frame] = []
+        for f in batch:
+            if now + alone > f.header.deadline_ts:
+                self._send(Verdict.for_frame(
+                    f.header, "TIMEOUT", f"would miss its deadline: "
+                    f"{(f.header.deadline_ts - now) * 1000:.0f} ms left, scoring one frame "
+                    f"of {f.header.sku} takes ~{alone * 1000:.0f} ms",
+                    timings_ms=self._timings(f, now)))
+            elif keep and now + st.estimate(len(keep) + 1) > keep[0].header.deadline_ts:
+                later.append(f)  # would delay the earliest; the next batch takes it
+            else:
+                keep.append(f)
+        self.queue.extendleft(reversed(later))
+        return keep
 
     # -- scoring --------------------------------------------------------------------------
     def _score(self, batch: list[_Frame]) -> None:
@@ -252,17 +374,32 @@ class Worker:
                                              timings_ms=self._timings(f, t_start)))
                 continue
             live.append((f, raw, rgb, (time.perf_counter() - t0) * 1000))
-        live = self._shed_hopeless(live, t_start)
         if not live:
             return
         try:
             version, det = self.models.get(sku)
-        except InspectdError as e:
+        except (NoModel, ModelUnavailable) as e:
+            # No model: the frames are kept for the SKU's first refit (UNKNOWN_SKU).
+            reason = f"{UNKNOWN_SKU}: {e}" if isinstance(e, NoModel) else str(e)
             for f, raw, _, dec in live:
-                self._send(Verdict.for_frame(f.header, "ERROR", f"{UNKNOWN_SKU}: {e}",
-                                             timings_ms=self._timings(f, t_start, dec)),
-                           raw)
+                self._send(Verdict.for_frame(f.header, "ERROR", reason,
+                                             timings_ms=self._timings(f, t_start, dec)), raw)
             return
+        domain = det.domain
+        if domain is not None:  # a frame unlike the training images gets no score
+            inside = []
+            for item in live:
+                f, raw, _, dec = item
+                problem = domain.problem(raw)
+                if problem is None:
+                    inside.append(item)
+                else:
+                    self._send(Verdict.for_frame(f.header, "ERROR", problem,
+                                                 model_version=version,
+                                                 timings_ms=self._timings(f, t_start, dec)), raw)
+            live = inside
+            if not live:
+                return
         t0 = time.perf_counter()
         try:
             preds = det.predict([rgb for _, _, rgb, _ in live], keep_image=False)
@@ -274,41 +411,24 @@ class Worker:
                     model_version=version, timings_ms=self._timings(f, t_start, dec)), raw)
             return
         infer_ms = (time.perf_counter() - t0) * 1000
-        per_image = infer_ms / len(live)
-        self._ms_per_image = per_image if self._ms_per_image is None else (
-            0.8 * self._ms_per_image + 0.2 * per_image)
         done = time.time()
+        self.service.setdefault(sku, ServiceTime()).add(len(live), done - t_start)
         for (f, raw, _, dec), p in zip(live, preds, strict=True):
             h = f.header
             kind, reason = p.verdict, None
-            if done > h.deadline_ts:
+            if not math.isfinite(p.score):  # never OK by accident: NaN < threshold is False
+                kind, reason = "ERROR", f"model failure: non-finite score {p.score}"
+            elif done > h.deadline_ts:
                 kind, reason = "TIMEOUT", f"scored {(done - h.deadline_ts) * 1000:.0f} ms " \
                     f"after the deadline (would have been {p.verdict})"
             v = Verdict.for_frame(
-                h, kind, reason, score=p.score, threshold=p.threshold,
+                h, kind, reason, score=p.score if math.isfinite(p.score) else None,
+                threshold=p.threshold,
                 pixel_threshold=p.pixel_threshold, model_version=version,
                 image_sha256=hashlib.sha256(raw.data).hexdigest(),
                 timings_ms=self._timings(f, t_start, dec, infer_ms))
             attach = kind != "OK" or self._sample_ok()
             self._send(v, raw if attach else None, p.anomaly_map if kind != "OK" else None)
-
-    def _shed_hopeless(self, live: list, t_start: float) -> list:
-        """Under overload, inference spent on a frame that will miss its deadline anyway is
-        taken from frames that could still make theirs: judge those TIMEOUT unscored."""
-        if self._ms_per_image is None:
-            return live
-        expected = self._ms_per_image * len(live) / 1000
-        keep = []
-        for item in live:
-            f, _, _, dec = item
-            if t_start + expected > f.header.deadline_ts:
-                self._send(Verdict.for_frame(
-                    f.header, "TIMEOUT", f"would miss its deadline (queued "
-                    f"{(t_start - f.header.capture_ts) * 1000:.0f} ms, scoring takes "
-                    f"~{expected * 1000:.0f} ms)", timings_ms=self._timings(f, t_start, dec)))
-            else:
-                keep.append(item)
-        return keep
 
     def _sample_ok(self) -> bool:
         every = self.s.worker.attach_ok_every
@@ -330,8 +450,15 @@ class Worker:
             parts.append(np.ascontiguousarray(pixels).data)
             if amap is not None:
                 parts.append(np.ascontiguousarray(amap, dtype=np.float16).data)
-        try:
-            self.out.send_multipart(parts)  # copies: the buffers are reused by nobody after
-        except zmq.Again:
-            log.error("sink not accepting verdicts; frame will be audited as TIMEOUT",
+        if not self._send_parts(parts):
+            log.error("sink not accepting verdicts; the sink audits the frame TIMEOUT",
                       frame_id=v.frame_id, verdict=v.verdict)
+
+    def _send_parts(self, parts: list[bytes | memoryview]) -> bool:
+        """Never blocks: a hung sink must not stall scoring (its successor replays the
+        journal and audits what it never got as TIMEOUT)."""
+        try:
+            self.out.send_multipart(parts, zmq.NOBLOCK)  # copies: nothing is reused after
+            return True
+        except zmq.Again:
+            return False

@@ -3,8 +3,8 @@
     source = open_source("cam1", settings.cameras["cam1"])
     for capture in source.frames(stop):      # blocks; reconnects on its own
         ...                                   # send capture.image, or audit capture.error
-        if capture.done:
-            capture.done()                    # folder: move/delete the file
+        if capture.done:                      # once the frame's outcome is known:
+            capture.done(verdict, reason)     # folder: move, delete or quarantine the file
     source.close()
 
 `frames` ends when `stop` is set or a finite source (a video file) ends. A lost camera or

@@ -30,8 +30,12 @@ class Capture:
     """One frame, or one frame that could not be read (`error` set, `image` None).
 
     `image` is a buffer of its own (never reused by the source, possibly read-only), so it
-    can be sent zero-copy. `capture_ts` is the wall clock when the source got the frame (for
-    a folder: when the complete file was picked up, not its mtime).
+    can be sent zero-copy. `capture_ts` is the wall clock when the frame was taken (a
+    camera: when the source got it; a file: its modification time); `received_ts`, when
+    set, is when the line first saw it, and its deadline counts from then (a file that
+    waited in the folder is judged, not timed out for its age). `frame_id`, when set, is
+    stable for the same input (a file seen again after a restart keeps its id). `done`,
+    when set, is called with the frame's outcome (verdict, reason) once the sink has it.
     """
 
     image: np.ndarray | None
@@ -41,10 +45,14 @@ class Capture:
     part_id: str | None = None
     origin: str | None = None
     error: str | None = None
-    done: Callable[[], None] | None = None
+    done: Callable[[str, str | None], None] | None = None
+    frame_id: str | None = None
+    received_ts: float | None = None
 
 
 class Source(Protocol):
+    push_back: bool  # True: frames can wait (files); False: a live camera, never blocked
+
     def frames(self, stop: threading.Event) -> Iterator[Capture]: ...
 
     def close(self) -> None: ...
@@ -91,6 +99,7 @@ class SourceBase:
     """
 
     kind = ""
+    push_back = False
 
     def __init__(self, name: str, cfg: Any) -> None:
         self.name, self.cfg = name, cfg

@@ -2,14 +2,24 @@
 
 Only close-after-write and moved-in events count, so a file is never read while it is being
 written. Watchdog handlers only enqueue (an exception there silently ends the observer
-thread); the frames loop does the work. A periodic re-scan picks up what a full queue or an
-inotify overflow lost; it takes only files unchanged for a few seconds, so a slow writer's
-half-written file is left for its close event.
+thread); the frames loop does the work. A new sub-folder is scanned as soon as it appears
+(files written into it before its watch existed have no event). A periodic re-scan picks up
+what a full queue or an inotify overflow lost; it takes only files unchanged for a few
+seconds, so a slow writer's half-written file is left for its close event.
+
+No file stops the line: anything wrong with one (empty, truncated, not an image, too many
+pixels, a symlink, unreadable) makes that frame an ERROR with the reason. A file's frame id
+is derived from the file (path, size, mtime, inode), so the same file seen again after a
+restart is the same frame. The file stays in the folder until the sink has the frame's
+outcome: then OK and NG files go by `after`, ERROR and TIMEOUT files to the quarantine
+folder with a `.txt` saying why — a file is never deleted unjudged.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import io
 import os
 import queue
 import re
@@ -23,7 +33,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from PIL import Image
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.inotify import InotifyObserver
 
 from inspectd.core.config import FolderCamera
@@ -33,7 +51,9 @@ from inspectd.daemon.sources.base import Capture, Lost, SourceBase, SourceError,
 QUEUE_SIZE = 1024
 RESCAN_S = 10.0
 SETTLE_S = 2.0  # a re-scan only takes files whose mtime is at least this old
+MAX_FILE_BYTES = 1 << 30  # no camera writes a bigger image file: refuse before reading it
 _TEMP_SUFFIXES = (".tmp", ".part", "~")
+_DIR = "\0dir:"  # queue item prefix: a directory to scan now (new sub-folder)
 
 
 class _Enqueue(FileSystemEventHandler):
@@ -53,16 +73,25 @@ class _Enqueue(FileSystemEventHandler):
         self._put(event.src_path)
 
     def on_moved(self, event: FileSystemEvent) -> None:
-        self._put(event.dest_path)  # "" for a file moved out of the folder
+        if not event.dest_path:
+            return  # moved out of the folder
+        self._put((_DIR if event.is_directory else "") + os.fsdecode(event.dest_path))
+
+    def on_created(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            self._put(_DIR + os.fsdecode(event.src_path))
 
 
 class FolderSource(SourceBase):
     kind = "folder"
+    push_back = True  # files wait in the folder while the line is busy
 
     def __init__(self, name: str, cfg: FolderCamera) -> None:
         super().__init__(name, cfg)
         self.root = Path(os.path.abspath(cfg.path))
         self.done_dir = Path(os.path.abspath(cfg.done_dir or self.root / "done"))
+        self.quarantine_dir = Path(os.path.abspath(cfg.quarantine_dir
+                                                   or self.root / "quarantine"))
         self.pattern: re.Pattern[str] | None = None
         if cfg.sku is None and cfg.sku_pattern is not None:
             try:
@@ -76,6 +105,7 @@ class FolderSource(SourceBase):
         # path → (mtime_ns, size) of files handed on and not yet moved/deleted: no duplicates
         # from a second event or a re-scan, and `keep` does not resend a file it kept.
         self.seen: dict[str, tuple[int, int]] = {}
+        self._seen_lock = threading.Lock()  # `_done` runs in acquisition's thread
         self._scan_existing = cfg.existing
 
     def _connect(self) -> InotifyObserver:
@@ -85,7 +115,8 @@ class FolderSource(SourceBase):
         observer = InotifyObserver(generate_full_events=True)
         observer.schedule(_Enqueue(self.q, self.overflow), str(self.root),
                           recursive=self.cfg.recursive,
-                          event_filter=[FileClosedEvent, FileMovedEvent])
+                          event_filter=[FileClosedEvent, FileMovedEvent, DirCreatedEvent,
+                                        DirMovedEvent])
         observer.start()
         return observer
 
@@ -96,9 +127,11 @@ class FolderSource(SourceBase):
     def _grab(self, observer: InotifyObserver) -> Iterator[Capture]:
         # Files present now: at start when `existing`, and after every reconnect (events missed).
         pending: deque[str] = deque(self._scan() if self._scan_existing else ())
+        received = {p: time.time() for p in pending}  # backlog: judged from when it is seen
         self._scan_existing = True
         next_scan = time.monotonic() + RESCAN_S
         while not self.stopped():
+            scanned = bool(pending)
             if pending:
                 path = pending.popleft()
             else:
@@ -113,11 +146,19 @@ class FolderSource(SourceBase):
                     if not observer.is_alive() or not self.root.is_dir():
                         raise Lost(f"watch on {self.root} ended (folder removed?)") from None
                     continue
+                if path.startswith(_DIR):
+                    new_dir = path[len(_DIR):]
+                    if self.cfg.recursive and self._wanted_dir(new_dir):
+                        pending.extend(self._scan(new_dir, settle=False))
+                    continue
             if not self._wanted(path):
                 continue
-            if not self.pace():  # before reading, so capture_ts is when the frame goes out
+            if not self.pace():
                 return
-            cap = self._capture(path)
+            try:
+                cap = self._capture(path, received.pop(path, None), scanned)
+            except Exception as e:  # one file never stops the line: it is that frame's ERROR
+                cap = self._error(path, f"cannot read {path}: {type(e).__name__}: {e}")
             if cap is not None:
                 yield cap
 
@@ -127,21 +168,32 @@ class FolderSource(SourceBase):
             rel = p.relative_to(self.root)
         except ValueError:
             return False
-        if p.is_relative_to(self.done_dir) or (not self.cfg.recursive and len(rel.parts) != 1):
+        if p.is_relative_to(self.done_dir) or p.is_relative_to(self.quarantine_dir) or (
+                not self.cfg.recursive and len(rel.parts) != 1):
             return False
         if any(part.startswith(".") for part in rel.parts) or p.name.endswith(_TEMP_SUFFIXES):
             return False
         name = p.name.lower()
         return any(fnmatch.fnmatchcase(name, pat.lower()) for pat in self.cfg.patterns)
 
-    def _scan(self) -> list[str]:
-        """Complete-looking files in the folder, oldest first; forgets kept files now gone."""
+    def _wanted_dir(self, path: str) -> bool:
+        p = Path(path)
+        if not p.is_relative_to(self.root) or p.is_relative_to(self.done_dir) \
+                or p.is_relative_to(self.quarantine_dir):
+            return False
+        return not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+
+    def _scan(self, top_dir: str | None = None, settle: bool = True) -> list[str]:
+        """Complete-looking files in the folder (or in `top_dir`, a new sub-folder, taken
+        whatever their age: its files had no events), oldest first; forgets kept files now
+        gone."""
         found: list[tuple[float, str]] = []
-        settled = time.time() - SETTLE_S
-        walk = os.walk(self.root) if self.cfg.recursive else [(str(self.root), [], None)]
+        settled = time.time() - SETTLE_S if settle else float("inf")
+        start = top_dir or str(self.root)
+        walk = os.walk(start) if self.cfg.recursive else [(str(self.root), [], None)]
+        skip = (self.done_dir, self.quarantine_dir)
         for top, dirs, _ in walk:
-            dirs[:] = [d for d in dirs
-                       if not d.startswith(".") and Path(top, d) != self.done_dir]
+            dirs[:] = [d for d in dirs if not d.startswith(".") and Path(top, d) not in skip]
             try:
                 entries = list(os.scandir(top))
             except OSError:
@@ -154,25 +206,34 @@ class FolderSource(SourceBase):
                             found.append((mtime, entry.path))
                 except OSError:
                     continue
-        for path in [p for p in self.seen if not os.path.exists(p)]:
-            del self.seen[path]
+        with self._seen_lock:
+            known = list(self.seen)
+        gone = [p for p in known if not os.path.exists(p)]
+        with self._seen_lock:
+            for path in gone:
+                self.seen.pop(path, None)
         return [p for _, p in sorted(found)]
 
-    def _capture(self, path: str) -> Capture | None:
+    def _capture(self, path: str, received: float | None, scanned: bool) -> Capture | None:
+        """The file's frame, an ERROR frame, or None (gone, seen, not a file, or found by a
+        scan while maybe still being written: its close event or a later scan brings it)."""
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except OSError:
             return None  # gone already (moved on, deleted)
-        if not stat.S_ISREG(st.st_mode):
-            return None
         sig = (st.st_mtime_ns, st.st_size)
-        if self.seen.get(path) == sig:
-            return None
-        self.seen[path] = sig
-        ts = time.time()
+        with self._seen_lock:
+            if self.seen.get(path) == sig:
+                return None
+            if not (stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+                return None
+            self.seen[path] = sig
+        if stat.S_ISLNK(st.st_mode):
+            return self._error(path, f"{path}: a symbolic link, not an image file", st)
         rel = Path(path).relative_to(self.root).as_posix()
-        cap = Capture(None, "mono8", ts, origin=path, part_id=Path(path).stem,
-                      done=lambda: self._done(path))
+        cap = Capture(None, "mono8", min(st.st_mtime, time.time()), origin=path,
+                      part_id=Path(path).stem, done=lambda v, r: self._done(path, v, r),
+                      frame_id=_file_id(self.name, path, st), received_ts=received)
         if self.pattern is None:
             cap.sku = self.cfg.sku
         else:
@@ -187,35 +248,75 @@ class FolderSource(SourceBase):
                 return cap
             if "part" in self.pattern.groupindex and m.group("part") is not None:
                 cap.part_id = m.group("part")
+        cap.error = self._decode_into(cap, path, st.st_size)
+        if cap.error is not None and scanned and time.time() - st.st_mtime < SETTLE_S:
+            with self._seen_lock:
+                self.seen.pop(path, None)  # perhaps half written: not judged yet
+            return None
+        return cap
+
+    def _decode_into(self, cap: Capture, path: str, size: int) -> str | None:
+        """Read and decode the file into `cap`; the reason when it cannot be a frame."""
+        if size == 0:
+            return f"{path}: empty file"
+        if size > MAX_FILE_BYTES:
+            return f"{path}: {size} bytes, more than any image file taken ({MAX_FILE_BYTES})"
         try:
             data = Path(path).read_bytes()
         except OSError as e:
-            cap.error = f"cannot read {path}: {e.strerror}"
-            return cap
+            return f"cannot read {path}: {e.strerror}"
+        # Dimensions from the header before decoding: a small file can claim gigapixels.
+        try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Image.DecompressionBombError as e:  # Pillow's own guard, far above ours
+            return f"{path}: more pixels than cameras.{self.name}.max_pixels allows ({e})"
+        except Exception:  # not an image Pillow knows; OpenCV may still decode it
+            width = height = None
+        if width is not None and width * height > self.cfg.max_pixels:
+            return (f"{path}: {width}×{height} pixels, more than cameras.{self.name}."
+                    f"max_pixels ({self.cfg.max_pixels})")
         # OpenCV decodes a cut-off JPEG as a grey-filled image with only a warning.
         if data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] != b"\xff\xd9":
-            cap.error = f"cannot decode {path}: truncated JPEG"
-            return cap
+            return f"cannot decode {path}: truncated JPEG"
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None:
-            cap.error = f"cannot decode {path}"
-            return cap
+            return f"cannot decode {path}: not an image OpenCV reads"
+        if img.shape[0] * img.shape[1] > self.cfg.max_pixels:
+            return f"{path}: {img.shape[1]}×{img.shape[0]} pixels, more than max_pixels"
         try:
             cap.image, cap.pixel_format = as_pixels(img)
         except ValueError as e:
-            cap.error = f"{path}: {e}"
-        return cap
+            return f"{path}: {e}"
+        return None
 
-    def _done(self, path: str) -> None:
-        """After the frame was handed on: move, delete or keep the file (never raises)."""
-        after = self.cfg.after
+    def _error(self, path: str, reason: str, st: os.stat_result | None = None) -> Capture:
+        """A frame for a file that cannot be read: an ERROR, and the file is quarantined."""
+        try:
+            st = st or os.lstat(path)
+            fid = _file_id(self.name, path, st)
+            ts = min(st.st_mtime, time.time())
+        except OSError:
+            fid, ts = None, time.time()
+        return Capture(None, "mono8", ts, sku=self.cfg.sku, origin=path,
+                       part_id=Path(path).stem, error=reason,
+                       done=lambda v, r: self._done(path, v, r), frame_id=fid)
+
+    def _done(self, path: str, verdict: str, reason: str | None) -> None:
+        """The frame's outcome is known: OK/NG files go by `after`; ERROR/TIMEOUT files to
+        quarantine, beside a note of why (never raises)."""
+        after = self.cfg.after if verdict in ("OK", "NG") else "quarantine"
         try:
             if after == "delete":
                 os.unlink(path)
-            elif after == "move":
-                dest = self.done_dir / Path(path).relative_to(self.root)
+            elif after in ("move", "quarantine"):
+                base = self.done_dir if after == "move" else self.quarantine_dir
+                dest = _free_name(base / Path(path).relative_to(self.root))
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(path, _free_name(dest))
+                shutil.move(path, dest)
+                if after == "quarantine":
+                    dest.with_name(dest.name + ".txt").write_text(
+                        f"{verdict}: {reason or 'no reason given'}\n")
             else:
                 return
         except FileNotFoundError:
@@ -224,7 +325,14 @@ class FolderSource(SourceBase):
             # Stays in `seen`, so it is not sent again.
             self.log.error("cannot dispose of file", path=path, after=after, error=str(e))
             return
-        self.seen.pop(path, None)
+        with self._seen_lock:
+            self.seen.pop(path, None)
+
+
+def _file_id(camera: str, path: str, st: os.stat_result) -> str:
+    """The same file (path, inode, size, mtime) gives the same frame id, across restarts."""
+    key = f"{camera}\0{path}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
 def _free_name(dest: Path) -> Path:
