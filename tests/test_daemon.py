@@ -310,3 +310,74 @@ def test_a_hung_sink_loses_no_frame(line, synth_root, tmp_path):
             pass
     assert_each_frame_once(line, sent)
     assert all(r["verdict"] in ("OK", "NG", "TIMEOUT") for r in rows)
+
+
+def test_a_worker_restarted_within_budget_keeps_the_watchdog_fed(line, tmp_path):
+    """systemd's watchdog sees real progress: a killed worker being restarted (spawn, torch,
+    its models: longer than a watchdog interval here) is the supervisor doing its job, so
+    WATCHDOG=1 keeps coming, never further apart than the interval, and STATUS says which
+    child is restarting."""
+    from tests.test_systemd import NotifyLog
+
+    notes = NotifyLog(tmp_path / "notify.sock")
+    d = Daemon(line["config"], tmp_path, tmp_path / "notify.sock")  # WATCHDOG_USEC 2 s
+    interval = 2.0
+    try:
+        d.wait_log(lambda e: e.get("event") == "line up")
+        until(lambda: notes.times("WATCHDOG=1"), "WATCHDOG=1", timeout=30)
+        (worker,) = d.pids("worker:0")
+        killed = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        d.wait_log(lambda e: e.get("event") == "child ready" and e.get("child") == "worker:0")
+        back = time.monotonic()
+        until(lambda: notes.times("WATCHDOG=1", back), "a ping after the restart", timeout=30)
+        assert d.stop() == 0
+    finally:
+        d.stop()
+        notes.close()
+    pings = notes.times("WATCHDOG=1")
+    around = [t for t in pings if t < killed][-1:] + [t for t in pings if t >= killed]
+    around = around[: len([t for t in around if t <= back]) + 1]  # up to the first after
+    gaps = [b - a for a, b in zip(around, around[1:], strict=False)]
+    assert around[0] < killed and around[-1] >= back
+    assert max(gaps) <= interval, gaps
+    assert any("worker:0 restarting (1/" in m for m in notes.messages())
+
+
+def test_a_child_dying_past_the_restart_limit_stops_the_pings_and_the_line(line, tmp_path):
+    """Each worker killed as soon as it starts: within restart_limit the supervisor pings on,
+    past it the line stops, no WATCHDOG=1 follows, and the exit code is non-zero (systemd's
+    Restart= takes over)."""
+    from tests.test_systemd import NotifyLog
+
+    cfg = yaml.safe_load(line["config"].read_text())
+    cfg["supervisor"].update(restart_limit=2, restart_window_s=600)
+    line["config"].write_text(yaml.safe_dump(cfg))
+    notes = NotifyLog(tmp_path / "notify.sock")
+    d = Daemon(line["config"], tmp_path, tmp_path / "notify.sock")
+    killed: list[int] = []
+    try:
+        d.wait_log(lambda e: e.get("event") == "line up")
+        until(lambda: notes.times("WATCHDOG=1"), "WATCHDOG=1", timeout=30)
+        last_kill = 0.0
+        for n in range(3):  # the first worker, then each restart
+            until(lambda n=n: len(d.pids("worker:0")) > n, f"worker start {n + 1}",
+                  timeout=30)
+            if killed:  # restarting within budget: the supervisor pings on
+                until(lambda since=last_kill: notes.times("WATCHDOG=1", since),
+                      "a ping while restarting")
+            killed.append(d.pids("worker:0")[n])
+            last_kill = time.monotonic()
+            os.kill(killed[-1], signal.SIGKILL)
+        assert d.proc.wait(60) != 0
+    finally:
+        d.stop()
+        notes.close()
+    limit = [e for e in d.events() if e.get("event", "").startswith("restart limit reached")]
+    assert len(limit) == 1 and limit[0]["child"] == "worker:0"
+    assert len(d.pids("worker:0")) == 3  # no third restart
+    msgs = notes.messages()
+    assert any("worker:0 restarting (2/2)" in m for m in msgs)
+    stopping = next(i for i, m in enumerate(msgs) if m.startswith("STOPPING=1"))
+    assert "WATCHDOG=1" not in msgs[stopping:]  # past the limit, never again
+    assert "worker:0 past its restart limit" in msgs[stopping]

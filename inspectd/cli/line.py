@@ -38,14 +38,27 @@ def run_cmd(config: LineConfigOpt, override: OverrideOpt = None) -> None:
 
 
 def _single(role: str, config: Path, override: list[str] | None, name: str | None = None) -> None:
+    """One role in this process, speaking sd_notify itself when systemd started it (the
+    units inspectd-sink.service, inspectd-worker@.service, inspectd-acquire@.service)."""
     from inspectd.daemon.roles import run_role
+    from inspectd.daemon.systemd import Notifier, RoleWatchdog
 
     s = configured_line(config, override)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     structlog.contextvars.bind_contextvars(role=role, name=name)
-    run_role(role, s, stop, name)  # type: ignore[arg-type]
+    watch = RoleWatchdog(Notifier(), stop, s.supervisor.heartbeat_timeout_s,
+                         role if name is None else f"{role} {name}")
+
+    def sink_figures(counts: Any) -> None:
+        watch.figures = counts.summary  # the sink's live counts, for STATUS
+
+    try:
+        run_role(role, s, stop, name, ready=watch.ready,  # type: ignore[arg-type]
+                 heartbeat=watch.beat, on_sink_status=sink_figures if role == "sink" else None)
+    finally:
+        watch.close()
 
 
 def acquire_cmd(

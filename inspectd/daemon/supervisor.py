@@ -4,7 +4,15 @@ Children are spawned (not forked: no torch or ZeroMQ state is shared) in the ord
 workers, acquisition, so every socket a child connects to is already bound. A child that
 dies is restarted, at most `restart_limit` times per `restart_window_s`; past that the
 supervisor stops the line and exits non-zero so systemd's Restart= takes over. A child whose
-heartbeat is older than `heartbeat_timeout_s` is hung: it is killed and restarted.
+heartbeat is older than `heartbeat_timeout_s` is hung, and one not ready START_TIMEOUT_S after
+its start is stuck starting: either is killed and restarted. A restart is forgiven only once
+the child has then run a whole `restart_window_s` ready and beating, so a child whose restarts
+all fail (it hangs again, never comes up) reaches the limit however slowly it fails.
+
+The systemd watchdog tells the truth about the line: WATCHDOG=1 goes out from this loop while
+every child is healthy or being handled within budget (restarting, starting up, a finite
+source that ended). It stops when the loop stops, when a hung child cannot be killed, and
+when the restart limit stops the line.
 
 Signal handlers only set a flag; the main loop acts. Shutdown order: acquisition stops taking
 frames, audits the ones it still holds as TIMEOUT and waits up to `drain_s` for the outcomes
@@ -34,6 +42,8 @@ from inspectd.daemon.systemd import Notifier
 log = structlog.get_logger("inspectd.supervisor")
 _CTX = mp.get_context("spawn")
 STATUS_FIELDS = ("frames", "OK", "NG", "ERROR", "TIMEOUT", "late", "pending")
+START_TIMEOUT_S = 300.0  # a child not ready this long after its start is stuck starting
+KILL_WAIT_S = 5.0  # a killed child still alive after this cannot be killed
 
 
 def _child_main(role: Role, settings: LineSettings, name: str | None, stop: Any, ready: Any,
@@ -77,6 +87,10 @@ class Child:
     beat: Any = None
     restarts: deque = field(default_factory=deque)
     finished: bool = False
+    started_at: float = 0.0  # monotonic
+    ready_at: float | None = None  # when the supervisor saw it ready, since its last start
+    unkillable: bool = False  # killed, yet alive: nothing the supervisor can do
+    past_limit: bool = False  # died once more than restart_limit allows: the line stops
 
     @property
     def label(self) -> str:
@@ -99,13 +113,14 @@ class Supervisor:
     def _start(self, c: Child) -> None:
         c.stop, c.ready = _CTX.Event(), _CTX.Event()
         c.beat = _CTX.Value("d", time.monotonic(), lock=False)
+        c.started_at, c.ready_at = time.monotonic(), None
         c.proc = _CTX.Process(
             target=_child_main, name=f"inspectd-{c.label}", daemon=False,
             args=(c.role, self.s, c.name, c.stop, c.ready, c.beat, self.stats, self.s.log_level))
         c.proc.start()
         log.info("started", child=c.label, pid=c.proc.pid)
 
-    def _wait_ready(self, group: list[Child], timeout: float = 300.0) -> bool:
+    def _wait_ready(self, group: list[Child], timeout: float = START_TIMEOUT_S) -> bool:
         end = time.monotonic() + timeout
         while time.monotonic() < end and self._signal is None:
             if all(c.ready.is_set() for c in group):
@@ -141,32 +156,17 @@ class Supervisor:
     def _loop(self) -> int:
         ping = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
-        hung_after = self.s.supervisor.heartbeat_timeout_s
         while self._signal is None:
             now = time.monotonic()
-            healthy = True
+            handled = True
             for c in self.children:
-                if c.finished:
-                    continue
-                if not c.proc.is_alive():
-                    if c.role == "acquire" and c.proc.exitcode == 0:
-                        # A finite source (a video file) has ended: nothing to restart.
-                        log.info("camera source ended", child=c.label)
-                        c.finished = True
-                        continue
-                    healthy = False
-                    if not self._restart(c, f"exited with code {c.proc.exitcode}"):
-                        return 1
-                elif c.ready.is_set() and now - c.beat.value > hung_after:
-                    healthy = False
-                    c.proc.kill()
-                    c.proc.join(5)
-                    if not self._restart(c, f"no heartbeat for {now - c.beat.value:.1f} s"):
-                        return 1
-                elif not c.ready.is_set():
-                    healthy = False
-            # WATCHDOG only while every child is alive and beating: a hung line gets restarted.
-            if healthy and ping and now - last_ping >= ping / 2:
+                state = self._check(c, now)
+                if state is None:
+                    return 1  # restart limit: the line stops, systemd's Restart= takes over
+                handled = handled and state
+            # WATCHDOG from this loop only, while every child is healthy or in hand: a stuck
+            # loop, or a child hung beyond repair, gets the line restarted by systemd.
+            if handled and ping and now - last_ping >= ping / 2:
                 self.notifier.watchdog()
                 last_ping = now
             if now - last_status >= 2.0:
@@ -175,25 +175,78 @@ class Supervisor:
             time.sleep(0.1)
         return 0
 
+    def _check(self, c: Child, now: float) -> bool | None:
+        """Look after one child: True if it is healthy or being handled within budget, False
+        if it is hung beyond what the supervisor can fix, None if the restart limit is hit."""
+        if c.finished:
+            return True
+        if c.unkillable:
+            if c.proc.is_alive():
+                return False
+            c.unkillable = False
+            log.warning("hung child finally gone", child=c.label, exitcode=c.proc.exitcode)
+        if not c.proc.is_alive():
+            if c.role == "acquire" and c.proc.exitcode == 0:
+                # A finite source (a video file) has ended: nothing to restart.
+                log.info("camera source ended", child=c.label)
+                c.finished = True
+                return True
+            return self._restart(c, f"exited with code {c.proc.exitcode}") or None
+        if c.ready.is_set():
+            if c.ready_at is None:
+                c.ready_at = now
+                if c.restarts:
+                    log.info("child ready", child=c.label, restarts=len(c.restarts),
+                             start_s=round(now - c.started_at, 1))
+            silent = now - c.beat.value
+            if silent <= self.s.supervisor.heartbeat_timeout_s:
+                return True
+            reason = f"no heartbeat for {silent:.1f} s"
+        elif now - c.started_at > START_TIMEOUT_S:
+            reason = f"not ready {now - c.started_at:.0f} s after its start"
+        else:
+            return True  # starting (importing, loading models): in hand until START_TIMEOUT_S
+        c.proc.kill()
+        c.proc.join(KILL_WAIT_S)
+        if c.proc.is_alive():
+            c.unkillable = True
+            log.error("hung child cannot be killed; watchdog pings stop", child=c.label,
+                      pid=c.proc.pid, reason=reason)
+            return False
+        return self._restart(c, reason) or None
+
     def _restart(self, c: Child, reason: str) -> bool:
         now = time.monotonic()
         window = self.s.supervisor.restart_window_s
-        while c.restarts and now - c.restarts[0] > window:
-            c.restarts.popleft()
+        # Earlier restarts are forgiven only if the child then ran a whole window ready and
+        # beating; a child that never gets there (hangs again, dies starting) keeps them.
+        if c.ready_at is not None and c.beat.value - c.ready_at >= window:
+            c.restarts.clear()
         if len(c.restarts) >= self.s.supervisor.restart_limit:
             log.error("restart limit reached; stopping the line", child=c.label, reason=reason,
                       restarts=len(c.restarts), window_s=window)
+            c.past_limit = True
             return False
         c.restarts.append(now)
         log.warning("restarting child", child=c.label, reason=reason, restarts=len(c.restarts))
         self._start(c)
+        self.notifier.status(self._status_line())
         return True
 
     def _status_line(self) -> str:
         st = self.status()
         ok = st["OK"] / st["frames"] * 100 if st["frames"] else 0.0
-        return (f"frames {st['frames']}, ok {ok:.1f}%, ng {st['NG']}, error {st['ERROR']}, "
+        line = (f"frames {st['frames']}, ok {ok:.1f}%, ng {st['NG']}, error {st['ERROR']}, "
                 f"timeout {st['TIMEOUT']}, pending {st['pending']}")
+        limit = self.s.supervisor.restart_limit
+        for c in self.children:
+            if c.past_limit:
+                line += f"; {c.label} past its restart limit ({len(c.restarts)}/{limit})"
+            elif c.unkillable:
+                line += f"; {c.label} hung and cannot be killed"
+            elif c.proc is not None and c.restarts and c.ready_at is None and not c.finished:
+                line += f"; {c.label} restarting ({len(c.restarts)}/{limit})"
+        return line
 
     def _shutdown(self) -> None:
         self.notifier.stopping(self._status_line())

@@ -3,13 +3,19 @@
 Without NOTIFY_SOCKET (not started by systemd with Type=notify) every call is a no-op. A send
 that fails is logged once and otherwise ignored: the line must not stop because the service
 manager is unreachable.
+
+`Notifier` speaks the protocol; `RoleWatchdog` is what a role run alone (`inspectd sink` …)
+tells systemd: READY when the role is up, WATCHDOG only while its main loop beats, STATUS,
+STOPPING. (`inspectd run` has its supervisor speak for the whole line instead.)
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 
 import structlog
 
@@ -60,6 +66,72 @@ class Notifier:
                 self._warned = True
                 log.warning("sd_notify failed; further failures not logged",
                             socket=os.fsdecode(self._address), error=str(e))
+
+
+class RoleWatchdog:
+    """sd_notify for one role run alone. The role calls `ready()` once it is up and `beat()`
+    from every turn of its main loop; a thread sends WATCHDOG=1 every half watchdog interval
+    while the last beat is fresher than `heartbeat_timeout_s` (a hung loop stops the pings and
+    systemd restarts the role), STATUS every STATUS_EVERY_S (`figures()` where the role has
+    live figures, and whether its loop is silent), and STOPPING=1 as soon as `stop` is set.
+    The thread only reads: the role's signal handlers still only set `stop`."""
+
+    STATUS_EVERY_S = 2.0
+
+    def __init__(self, notifier: Notifier, stop: threading.Event, heartbeat_timeout_s: float,
+                 label: str, figures: Callable[[], str] | None = None) -> None:
+        self.notifier, self.stop, self.label = notifier, stop, label
+        self.timeout = heartbeat_timeout_s
+        self.figures = figures
+        self.last_beat = time.monotonic()
+        self._done = threading.Event()
+        self._stopping_sent = False
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        self.last_beat = time.monotonic()
+
+    def ready(self) -> None:
+        self.beat()
+        self.notifier.ready(self.status_line())
+        if self.notifier.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
+            self._thread.start()
+
+    def status_line(self) -> str:
+        silent = time.monotonic() - self.last_beat
+        line = f"{self.label}: " + (self.figures() if self.figures is not None else "up")
+        if silent > self.timeout:
+            line += f"; main loop silent for {silent:.0f} s"
+        return line
+
+    def close(self) -> None:
+        """The role has returned (or failed): STOPPING=1 if not yet said, and no more pings."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._stopping()
+
+    def _stopping(self) -> None:
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.stopping(f"{self.label}: stopping")
+
+    def _run(self) -> None:
+        ping = self.notifier.watchdog_interval
+        tick = min(0.25, ping / 4) if ping else 0.25
+        last_ping, last_status = 0.0, time.monotonic()
+        while not self._done.wait(tick):
+            if self.stop.is_set():
+                self._stopping()
+                return
+            now = time.monotonic()
+            if ping and now - self.last_beat <= self.timeout and now - last_ping >= ping / 2:
+                self.notifier.watchdog()
+                last_ping = now
+            if now - last_status >= self.STATUS_EVERY_S:
+                self.notifier.status(self.status_line())
+                last_status = now
 
 
 def _socket_address(value: str) -> bytes | None:
