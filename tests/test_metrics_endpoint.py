@@ -81,3 +81,20 @@ def test_port_in_use_is_a_metrics_error(served):
     _, port = served
     with pytest.raises(MetricsError, match=f"127.0.0.1:{port}"):
         Metrics().serve("127.0.0.1", port)
+
+
+def test_disk_spool_and_lost_rows_are_exported(served):
+    m, port = served
+    m.set_spool_bytes(4096, over_limit=True)
+    m.set_disk(1, 123456)
+    m.set_audit_memory(7, lost_total=3)
+    m.set_audit_memory(2, lost_total=5)  # a running total: only the new ones count
+    m.dropped("image skipped: disk low (ok)", 4)
+    s = _scrape(port)
+    assert s[("inspectd_audit_spool_bytes", ())] == 4096
+    assert s[("inspectd_audit_spool_over_limit", ())] == 1
+    assert s[("inspectd_disk_guard_level", ())] == 1
+    assert s[("inspectd_disk_free_bytes", ())] == 123456
+    assert s[("inspectd_audit_memory_rows", ())] == 2
+    assert s[("inspectd_dropped_total", (("reason", "audit row lost"),))] == 5
+    assert s[("inspectd_dropped_total", (("reason", "image skipped: disk low (ok)"),))] == 4

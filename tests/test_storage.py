@@ -17,14 +17,17 @@ import cv2
 import numpy as np
 import pytest
 import sqlalchemy as sa
+from structlog.testing import capture_logs
 
 from inspectd.core.config import ImageSettings
 from inspectd.core.wire import FrameHeader, ProtocolError, Verdict
 from inspectd.storage import files
+from inspectd.storage import spool as spool_module
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.db import upgrade
 from inspectd.storage.images import ImageStore
 from inspectd.storage.journal import Journal
+from inspectd.storage.spool import Spool
 
 T0 = datetime(2024, 5, 1, 10, 30, tzinfo=UTC).timestamp()
 
@@ -300,6 +303,98 @@ def test_torn_spool_line_is_skipped_on_replay(audit_log: OpenLog, tmp_path: Path
     assert segments(spool) == []
 
 
+def test_spool_counts_its_bytes_and_says_once_when_above_its_bound(
+    audit_log: OpenLog, tmp_path: Path,
+) -> None:
+    spool = tmp_path / "spool"
+    dead = "postgresql+psycopg://postgres@127.0.0.1:1/none"
+    with capture_logs() as logs:
+        down = audit_log(dead, spool, commit_rows=1, max_spool_bytes=2000)
+        for i in range(10):
+            down.record(verdict(i))
+            down.poll()
+            assert down.sync(timeout=30)
+        down.close()
+    on_disk = sum(p.stat().st_size for p in segments(spool))
+    assert down.spool.bytes == on_disk > 2000 and down.spool.over_limit
+    assert down.rows_spooled == 10  # the bound is an alarm: no row is refused
+    over = [e for e in logs if e["event"].startswith("audit spool above max_spool_bytes")]
+    assert len(over) == 1 and over[0]["log_level"] == "error"
+    url = f"sqlite:///{tmp_path}/audit.db"
+    with capture_logs() as logs:
+        up = audit_log(url, spool, max_spool_bytes=2000)  # finds it above, says so, replays
+        up.close()
+    assert frame_ids(url) == [f"f{i:04d}" for i in range(10)]
+    assert up.spool.bytes == 0 and not up.spool.over_limit
+    assert [e["log_level"] for e in logs if "max_spool_bytes" in e["event"]] == ["error", "info"]
+
+
+def test_rows_the_spool_cannot_take_wait_in_memory_bounded_then_are_lost_counted(
+    audit_log: OpenLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spool = tmp_path / "spool"
+    log = audit_log("postgresql+psycopg://postgres@127.0.0.1:1/none", spool, commit_rows=1,
+                    retry_s=3600, max_memory_rows=5)
+    real_append = Spool.append
+
+    def disk_full(self: Spool, lines: list[bytes]) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Spool, "append", disk_full)
+    with capture_logs() as logs:
+        for i in range(8):
+            log.record(verdict(i))
+            log.poll()
+            assert log.sync(timeout=30)
+            assert log.memory_rows <= 5
+        monkeypatch.setattr(Spool, "append", real_append)  # the disk has room again
+        log.record(verdict(8))
+        log.poll()
+        assert log.sync(timeout=30)
+    assert (log.memory_rows, log.rows_lost, log.rows_spooled) == (0, 3, 6)
+    assert log.rows_durable == log.rows_recorded == 9  # the journal is not held forever
+    lost = [e for e in logs if e["event"].startswith("audit rows lost")]
+    assert [fid for e in lost for fid in e["frame_ids"]] == ["f0000", "f0001", "f0002"]
+    events = [e["event"] for e in logs]
+    assert events.count("cannot write the audit spool: rows wait in memory") == 1
+    assert events.count("audit spool writable again") == 1
+    log.close()
+    replayed = audit_log(f"sqlite:///{tmp_path}/audit.db", spool)
+    replayed.close()
+    assert frame_ids(f"sqlite:///{tmp_path}/audit.db") == [f"f{i:04d}" for i in range(3, 9)]
+
+
+def test_a_full_disk_does_not_leave_an_empty_spool_segment_per_retry(
+    audit_log: OpenLog, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class NoSpaceOs:  # the spool's `os`, whose writes find the disk full
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd: int, data: Any) -> int:
+            raise OSError(28, "No space left on device")
+
+    spool = tmp_path / "spool"
+    dead = "postgresql+psycopg://postgres@127.0.0.1:1/none"
+    log = audit_log(dead, spool, commit_rows=1)
+    monkeypatch.setattr(spool_module, "os", NoSpaceOs())
+    for i in range(5):
+        log.record(verdict(i))
+        log.poll()
+        assert log.sync(timeout=30)
+    assert len(segments(spool)) == 1 and log.memory_rows == 5
+    monkeypatch.undo()
+    log.close()
+    assert log.rows_spooled == 5 and len(segments(spool)) == 1
+
+    other = audit_log(dead, tmp_path / "spool2", commit_rows=1)
+    monkeypatch.setattr(spool_module, "os", NoSpaceOs())
+    other.record(verdict(9))
+    other.close()  # neither database nor disk: counted lost, and no empty segment left
+    assert other.rows_lost == 1 and segments(tmp_path / "spool2") == []
+
+
 def test_row_refused_by_the_database_is_kept_aside(
     audit_log: OpenLog, tmp_path: Path, postgres_db: Any,
 ) -> None:
@@ -388,7 +483,17 @@ def test_prune_drops_reject_days_past_retention(tmp_path: Path) -> None:
     assert store.prune(now=T0) == 2
     assert sorted(p.name for p in (tmp_path / "ng" / "widget").iterdir()) == [
         "2024-04-29", "2024-04-30", "2024-05-01"]
-    assert ImageStore(tmp_path, ImageSettings()).prune(now=T0 + 10 * 86400) == 0
+    assert ImageStore(tmp_path, ImageSettings(ng_retention_days=None)).prune(
+        now=T0 + 1000 * 86400) == 0  # null: forever
+
+
+def test_rejects_are_kept_90_days_by_default(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path, ImageSettings())
+    for day in ("2024-01-31", "2024-02-01", "2024-05-01"):
+        (tmp_path / "error" / "widget" / day).mkdir(parents=True)
+    assert store.prune(now=T0) == 1  # 2024-05-01 less 90 days is 2024-02-01: kept
+    assert sorted(p.name for p in (tmp_path / "error" / "widget").iterdir()) == [
+        "2024-02-01", "2024-05-01"]
 
 
 def test_failed_atomic_write_leaves_the_old_file(tmp_path: Path,
@@ -457,3 +562,27 @@ def test_journal_skips_a_torn_line_and_returns_unjudged_frames(tmp_path: Path) -
     seg.write_bytes(seg.read_bytes()[:-10])  # killed in the middle of the verdict's line
     rec = Journal(tmp_path).recover()
     assert rec.rows == [] and [h.frame_id for h in rec.pending] == ["f0000", "f0001", "f0002"]
+
+
+def test_journal_stays_bounded_while_the_database_is_down(
+    audit_log: OpenLog, tmp_path: Path,
+) -> None:
+    """Spooled rows are durable: the journal drops its segments as it does with the database
+    up, however long the outage."""
+    log = audit_log("postgresql+psycopg://postgres@127.0.0.1:1/none", tmp_path / "spool",
+                    commit_rows=1)
+    j = Journal(tmp_path / "journal", rotate_s=0.0)  # a new segment at every collect
+    most = 0
+    for i in range(200):
+        j.announce(_header(i))
+        v = verdict(i)
+        j.judged(v)
+        j.recorded(v.frame_id, None, log.record(v))
+        log.poll()
+        assert log.sync(timeout=30)
+        j.collect(log.rows_durable)
+        most = max(most, len(list((tmp_path / "journal").glob("*.jsonl"))))
+    assert not log.db_up and log.rows_spooled == 200
+    assert most <= 2
+    j.close(clean=log.rows_durable == log.rows_recorded)
+    assert not list((tmp_path / "journal").glob("*.jsonl"))

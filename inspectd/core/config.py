@@ -166,7 +166,24 @@ class ImageSettings(Section):
     save_ng: bool = Field(True, description="write NG image, mask and overlay")
     save_error: bool = Field(True, description="write frames judged ERROR when pixels exist")
     ok_per_sku: int = Field(2000, ge=0, description="OK images kept per SKU (oldest dropped)")
-    ng_retention_days: int | None = Field(None, ge=1, description="delete NG images older")
+    ng_retention_days: int | None = Field(
+        90, ge=1, description="delete NG and ERROR images older than this; null = keep forever"
+    )
+    min_free_ok: float = Field(
+        10.0, ge=0, lt=100, description="percent of the data filesystem's size that must stay "
+        "free to write OK and unjudged samples; 0 = no limit"
+    )
+    min_free_images: float = Field(
+        5.0, ge=0, lt=100, description="percent that must stay free to write NG and ERROR "
+        "images; 0 = no limit (audit rows never stop)"
+    )
+
+    @model_validator(mode="after")
+    def _free_order(self) -> ImageSettings:
+        if self.min_free_images > self.min_free_ok:
+            raise ValueError(f"min_free_images ({self.min_free_images}) must not exceed "
+                             f"min_free_ok ({self.min_free_ok}): OK samples stop first")
+        return self
 
 
 class DatabaseSettings(Section):
@@ -174,6 +191,14 @@ class DatabaseSettings(Section):
     commit_rows: int = Field(200, ge=1, description="commit after this many rows")
     commit_interval_ms: float = Field(250, gt=0, description="… or after this long")
     retry_s: float = Field(2.0, gt=0, description="retry an unreachable database this often")
+    max_spool_bytes: int = Field(
+        2**30, ge=1, description="spool above this is an alarm (logged, metric); rows still "
+        "spool while the disk has room"
+    )
+    max_memory_rows: int = Field(
+        20_000, ge=1, description="rows kept in memory when neither the database nor the "
+        "spool takes them; beyond, the oldest are lost (counted, logged)"
+    )
 
 
 class SinkSettings(Section):

@@ -16,6 +16,7 @@ from inspectd.core.wire import Verdict
 # 1 ms … 5 s: queueing and inference are milliseconds, a TIMEOUT is seconds.
 STAGE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 STAGES = ("queue", "decode", "infer", "total")  # keys of Verdict.timings_ms
+AUDIT_ROW_LOST = "audit row lost"  # no database, no spool, past max_memory_rows
 
 
 class MetricsError(InspectdError):
@@ -39,6 +40,21 @@ class Metrics:
                              registry=r)
         self.spool_rows = Gauge("inspectd_audit_spool_rows",
                                 "Audit rows spooled while the database is unreachable", registry=r)
+        self.spool_bytes = Gauge("inspectd_audit_spool_bytes", "Bytes of the audit spool on disk",
+                                 registry=r)
+        self.spool_over = Gauge("inspectd_audit_spool_over_limit",
+                                "1 while the audit spool is above sink.database.max_spool_bytes",
+                                registry=r)
+        self.memory_rows = Gauge("inspectd_audit_memory_rows",
+                                 "Audit rows in the writer's memory: not committed, not spooled "
+                                 "(bounded by sink.database.max_memory_rows)", registry=r)
+        self.disk_free = Gauge("inspectd_disk_free_bytes",
+                               "Free bytes on the filesystem of data_dir/images", registry=r)
+        self.disk_level = Gauge("inspectd_disk_guard_level",
+                                "0 every image written, 1 OK/unjudged samples stopped "
+                                "(sink.images.min_free_ok), 2 NG/ERROR images stopped too "
+                                "(min_free_images)", registry=r)
+        self._rows_lost = 0
         self.db_up = Gauge("inspectd_db_up", "1 while the audit database takes writes",
                            registry=r)
         self.plc_up = Gauge("inspectd_plc_up", "1 while the PLC output is healthy", registry=r)
@@ -69,6 +85,22 @@ class Metrics:
 
     def set_spool_rows(self, n: int) -> None:
         self.spool_rows.set(n)
+
+    def set_spool_bytes(self, n: int, over_limit: bool) -> None:
+        self.spool_bytes.set(n)
+        self.spool_over.set(int(over_limit))
+
+    def set_audit_memory(self, rows: int, lost_total: int) -> None:
+        """Rows held in memory, and the audit log's running count of rows lost (the part not
+        yet counted goes to `inspectd_dropped_total{reason="audit row lost"}`)."""
+        self.memory_rows.set(rows)
+        if lost_total > self._rows_lost:
+            self.dropped(AUDIT_ROW_LOST, lost_total - self._rows_lost)
+            self._rows_lost = lost_total
+
+    def set_disk(self, level: int, free_bytes: int) -> None:
+        self.disk_free.set(free_bytes)
+        self.disk_level.set(level)
 
     def set_db_up(self, up: bool) -> None:
         self.db_up.set(int(up))

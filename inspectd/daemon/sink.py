@@ -84,7 +84,8 @@ class Sink:
                             hwm=100_000)
         db = settings.sink.database
         self.audit = AuditLog(settings.database_url(), settings.spool_dir, db.commit_rows,
-                              db.commit_interval_ms / 1000, db.retry_s)
+                              db.commit_interval_ms / 1000, db.retry_s, db.max_spool_bytes,
+                              db.max_memory_rows)
         self.images = ImageStore(settings.images_dir, settings.sink.images)
         self.output = output or open_output(settings.plc)
         self.events = EventPublisher(settings.events_address(), settings.line,
@@ -172,6 +173,11 @@ class Sink:
         self.metrics.set_plc_up(self.output.healthy)
         self.metrics.set_db_up(self.audit.db_up)
         self.metrics.set_spool_rows(self.audit.spool_backlog)
+        self.metrics.set_spool_bytes(self.audit.spool.bytes, self.audit.spool.over_limit)
+        self.metrics.set_audit_memory(self.audit.memory_rows, self.audit.rows_lost)
+        self.metrics.set_disk(self.images.guard.poll(), self.images.guard.free_bytes)
+        for reason, n in self.images.take_skipped().items():
+            self.metrics.dropped(reason, n)
 
     def close(self) -> None:
         self.audit.close()

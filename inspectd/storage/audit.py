@@ -11,6 +11,11 @@ Inserts ignore a frame_id already present, so a replayed or repeated row never d
 A row the database refuses for its content (not an outage) would otherwise block the line
 forever: it is appended to `<spool>/rejected.jsonl` (spool format) and logged, so nothing is
 lost and an operator can replay it after a fix by renaming it to a segment name.
+
+When the spool cannot be written either (disk full, disk gone), rows wait in memory and are
+retried every `retry_s`, at most `max_memory_rows` of them: beyond, the oldest are dropped,
+counted in `rows_lost` and logged with their frame ids. These are the only rows that can be
+lost, and only with both the database and the disk gone.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ log = structlog.get_logger("inspectd.audit")
 Item = tuple[Verdict, dict[str, str] | None]
 REJECTED = "rejected.jsonl"
 REPLAY_ROWS = 2000  # rows per replay transaction
+MAX_MEMORY_ROWS = 20_000  # sink.database.max_memory_rows
+MAX_SPOOL_BYTES = 2**30  # sink.database.max_spool_bytes
 IDLE_WAKE_S = 0.1  # shortest wait of an idle writer that has a retry or replay to do
 # Outages (reconnect later) as opposed to rows the database refuses for their content.
 _OUTAGE = (exc.OperationalError, exc.InterfaceError, exc.ProgrammingError, exc.InternalError)
@@ -48,23 +55,31 @@ _OUTAGE = (exc.OperationalError, exc.InterfaceError, exc.ProgrammingError, exc.I
 
 class AuditLog:
     def __init__(self, url: str, spool_dir: Path, commit_rows: int = 200,
-                 commit_interval_s: float = 0.25, retry_s: float = 2.0) -> None:
+                 commit_interval_s: float = 0.25, retry_s: float = 2.0,
+                 max_spool_bytes: int | None = MAX_SPOOL_BYTES,
+                 max_memory_rows: int = MAX_MEMORY_ROWS) -> None:
         self.engine = make_engine(url)
         self.url = safe_url(url)
         self._insert = _insert_ignoring_duplicates(self.engine.dialect.name)
-        self.spool = Spool(spool_dir)
+        self.spool = Spool(spool_dir, max_spool_bytes)
         self.commit_rows = commit_rows
         self.commit_interval_s = commit_interval_s
         self.retry_s = retry_s
+        self.max_memory_rows = max_memory_rows
         self.rows_committed = 0  # rows in committed inserts (duplicates the DB ignored too)
         self.rows_spooled = 0
         self.rows_rejected = 0
-        # Rows numbered in record() order; the writer makes them durable in that order.
+        self.rows_lost = 0  # dropped from memory: no database, no spool (logged with ids)
+        # Rows numbered in record() order; the writer is done with them in that order:
+        # `rows_durable` counts those committed or spooled (or set aside as rejected, or
+        # lost, so that the sink journal is never held forever by a row that will not come).
         self.rows_recorded = self.rows_durable = 0
+        self._spool_failing = False
         self.db_up = False
         self._batch: list[Item] = []
         self._batch_t0 = 0.0
         self._retry_at = 0.0
+        self._outage = False  # an outage was logged, and no write has succeeded since
         self._unspooled: list[Item] = []  # writer-side rows not yet committed or spooled
         self._queue: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
         self._handed = self._written = 0  # batches given to the writer / done by it
@@ -77,9 +92,16 @@ class AuditLog:
     def spool_backlog(self) -> int:
         return self.spool.backlog
 
+    @property
+    def memory_rows(self) -> int:
+        """Rows the writer holds: neither committed nor spooled yet (a batch in hand, or the
+        rows waiting for the database or the disk to come back)."""
+        return len(self._unspooled)
+
     def record(self, v: Verdict, paths: dict[str, str] | None = None) -> int:
         """Queue one row; `poll()` hands it to the writer. Returns its number (1, 2, …):
-        once `rows_durable` reaches it, the row is committed or spooled."""
+        once `rows_durable` reaches it, the row is committed or spooled (or, with both the
+        database and the disk gone, counted in `rows_lost`)."""
         if not self._batch:
             self._batch_t0 = time.monotonic()
         self._batch.append((v, paths))
@@ -139,6 +161,7 @@ class AuditLog:
         if self._unspooled:
             log.error("audit rows lost at shutdown: neither database nor spool took them",
                       rows=len(self._unspooled), frame_ids=[v.frame_id for v, _ in self._unspooled])
+            self.rows_lost += len(self._unspooled)
         self.spool.close()
         self.engine.dispose()
 
@@ -160,13 +183,33 @@ class AuditLog:
             self.spool.append([encode_row(v, p) for v, p in items])
         except OSError as e:
             # Keep them in memory and try again: better than losing audit rows.
-            log.error("cannot write the audit spool", spool=str(self.spool.dir), error=str(e),
-                      rows=len(items))
+            if not self._spool_failing:  # once per failure, not per retry
+                log.error("cannot write the audit spool: rows wait in memory",
+                          spool=str(self.spool.dir), error=str(e), rows=len(items),
+                          max_memory_rows=self.max_memory_rows)
+                self._spool_failing = True
             self._retry_at = time.monotonic() + self.retry_s
+            self._bound_memory()
             return
+        if self._spool_failing:
+            log.info("audit spool writable again", spool=str(self.spool.dir), rows=len(items))
+            self._spool_failing = False
         self._unspooled = []
         self.rows_spooled += len(items)
         self.rows_durable += len(items)
+
+    def _bound_memory(self) -> None:
+        """Past max_memory_rows, drop the oldest rows: counted, and logged with their ids."""
+        excess = len(self._unspooled) - self.max_memory_rows
+        if excess <= 0:
+            return
+        lost, self._unspooled = self._unspooled[:excess], self._unspooled[excess:]
+        self.rows_lost += excess
+        self.rows_durable += excess  # the oldest first, so the count stays in order
+        log.error("audit rows lost: the database and the spool are both unavailable and "
+                  "max_memory_rows is reached", rows=excess, lost_total=self.rows_lost,
+                  max_memory_rows=self.max_memory_rows,
+                  frame_ids=[v.frame_id for v, _ in lost])
 
     def _connect(self) -> None:
         try:
@@ -175,12 +218,18 @@ class AuditLog:
             self._down(e)
             return
         self.db_up = True
-        log.info("audit database up", url=self.url, spooled=self.spool.backlog)
+        if self._outage:  # said once it is back, at the first write that succeeds
+            log.debug("audit database takes connections again", url=self.url)
+        else:
+            log.info("audit database up", url=self.url, spooled=self.spool.backlog)
 
     def _down(self, e: Exception) -> None:
-        if self.db_up or self._retry_at == 0.0:
+        # Once per outage: a database that takes connections but not writes (SQLite on a
+        # full disk) must not log twice per retry.
+        if not self._outage:
             log.error("audit database unreachable, spooling rows", url=self.url,
                       error=first_line(e), retry_s=self.retry_s)
+            self._outage = True
         else:
             log.debug("audit database still unreachable", url=self.url, error=first_line(e))
         self.db_up = False
@@ -234,6 +283,10 @@ class AuditLog:
     def _execute(self, rows: list[dict[str, Any]]) -> None:
         with self.engine.begin() as conn:
             conn.execute(self._insert, rows)
+        if self._outage:
+            log.info("audit database back: rows are written again", url=self.url,
+                     spooled=self.spool.backlog)
+            self._outage = False
 
     def _reject(self, lines: list[bytes]) -> None:
         if not lines:

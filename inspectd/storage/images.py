@@ -7,14 +7,22 @@
                                               the pool a first refit for that SKU learns from
 
 Every file is written under a temporary name in its directory, fsync'ed and renamed, so a
-reader (or a crash) never sees half an image. The date is the capture day in UTC.
+reader (or a crash) never sees half an image. The date is the capture day in UTC. NG and
+ERROR day folders older than `ng_retention_days` are deleted (checked hourly).
+
+Disk space goes to audit rows first: a free-space guard (`storage.disk`) stops OK and
+unjudged samples below `min_free_ok` percent free, NG and ERROR images below
+`min_free_images`; a write that fails for lack of space stops images until the next measure.
+A frame whose image is not written keeps its audit row (without that path), and is counted
+in `skipped`; `take_skipped()` hands the counts to the sink's metrics.
 """
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -25,18 +33,26 @@ import structlog
 from inspectd.core import imaging
 from inspectd.core.config import ImageSettings
 from inspectd.core.wire import Verdict, valid_name
+from inspectd.storage.disk import DiskGuard
 from inspectd.storage.files import fsync_dir, write_atomic
 
 log = structlog.get_logger("inspectd.images")
 
 PRUNE_EVERY_S = 3600.0
 SAMPLES = ("ok", "unjudged")  # bounded per SKU by ok_per_sku
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+SKIPPED = "image skipped: disk low ({kind})"  # the sink's drop reason
 
 
 class ImageStore:
-    def __init__(self, root: Path, settings: ImageSettings) -> None:
+    def __init__(self, root: Path, settings: ImageSettings,
+                 guard: DiskGuard | None = None) -> None:
         self.root = Path(root)
         self.settings = settings
+        self.guard = guard or DiskGuard(self.root, settings.min_free_ok,
+                                        settings.min_free_images)
+        self.skipped: Counter[str] = Counter()  # images not written for lack of space, by kind
+        self._untaken: Counter[str] = Counter()  # the part of `skipped` not yet taken
         # Per (kind, SKU), sample names oldest first: the bound holds without listing dirs.
         self._kept: dict[tuple[str, str], OrderedDict[str, None]] = {}
         for kind in SAMPLES:
@@ -70,16 +86,54 @@ class ImageStore:
         """Keep a frame of a SKU that has no model yet, for its first refit (same bound)."""
         return self._save_sample("unjudged", v, rgb)
 
+    def take_skipped(self) -> dict[str, int]:
+        """Images skipped for lack of space since the last call, by drop reason."""
+        taken = {SKIPPED.format(kind=k): n for k, n in self._untaken.items() if n}
+        self._untaken.clear()
+        return taken
+
+    def _room(self, kind: str) -> bool:
+        """May an image of `kind` be written? Counts it as skipped when not."""
+        self._maybe_prune()
+        if self.guard.allows(kind):
+            return True
+        self._skip(kind)
+        return False
+
+    def _skip(self, kind: str) -> None:
+        self.skipped[kind] += 1
+        self._untaken[kind] += 1
+
+    def _write(self, path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+        self.guard.wrote(len(data))
+
+    def _maybe_prune(self) -> None:
+        # Here, not after a write: with the disk low no reject is written, and old ones must
+        # still go.
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + PRUNE_EVERY_S
+            self.prune()
+
     def _save_sample(self, kind: str, v: Verdict, rgb: np.ndarray) -> str | None:
         limit = self.settings.ok_per_sku
         if limit == 0:
             return None
         sku = valid_name(v.sku, "sku")
         name = valid_name(v.frame_id, "frame id") + ".png"
+        if not self._room(kind):
+            return None
         d = self.root / kind / sku
-        d.mkdir(parents=True, exist_ok=True)
-        write_atomic(d / name, _encode(".png", _bgr(rgb)))
-        fsync_dir(d)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._write(d / name, _encode(".png", _bgr(rgb)))
+            fsync_dir(d)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            self.guard.full()
+            self._skip(kind)
+            return None
         kept = self._kept.setdefault((kind, sku), OrderedDict())
         kept[name] = None
         kept.move_to_end(name)
@@ -113,22 +167,31 @@ class ImageStore:
                      amap: np.ndarray | None) -> dict[str, str]:
         sku = valid_name(v.sku, "sku")
         fid = valid_name(v.frame_id, "frame id")
+        if not self._room(kind):
+            return {}
         ts = v.capture_ts if v.capture_ts > 0 else v.decided_ts
         d = self.root / kind / sku / datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
-        d.mkdir(parents=True, exist_ok=True)
-        paths = {"image": d / f"{fid}.png"}
-        write_atomic(paths["image"], _encode(".png", _bgr(rgb)))
+        files = [("image", d / f"{fid}.png", lambda: _encode(".png", _bgr(rgb)))]
         thr = v.pixel_threshold
         if amap is not None and thr is not None:
-            paths["mask"] = d / f"{fid}_mask.png"
-            write_atomic(paths["mask"], _encode(".png", (amap >= thr).astype(np.uint8) * 255))
-            paths["overlay"] = d / f"{fid}_overlay.jpg"
-            write_atomic(paths["overlay"], _encode(".jpg", imaging.overlay(rgb, amap, thr)))
-        fsync_dir(d)
-        if time.monotonic() >= self._next_prune:
-            self._next_prune = time.monotonic() + PRUNE_EVERY_S
-            self.prune()
-        return {k: str(p) for k, p in paths.items()}
+            files.append(("mask", d / f"{fid}_mask.png",
+                          lambda: _encode(".png", (amap >= thr).astype(np.uint8) * 255)))
+            files.append(("overlay", d / f"{fid}_overlay.jpg",
+                          lambda: _encode(".jpg", imaging.overlay(rgb, amap, thr))))
+        paths: dict[str, str] = {}
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            for key, path, data in files:
+                self._write(path, data())
+                paths[key] = str(path)
+            fsync_dir(d)
+        except OSError as e:
+            if e.errno not in NO_SPACE:
+                raise
+            # The row names what is on disk (the image, when only the mask did not fit).
+            self.guard.full()
+            self._skip(kind)
+        return paths
 
 
 def _bgr(rgb: np.ndarray) -> np.ndarray:

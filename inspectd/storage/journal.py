@@ -68,6 +68,7 @@ class Journal:
         self._segments: list[_Segment] = []
         self._owner: dict[str, _Segment] = {}  # announced frame id → its segment
         self._fd: int | None = None
+        self.write_errors = 0  # lines that could not be written (disk full): logged once a run
 
     def recover(self) -> Recovered:
         """Read what a previous sink left. Its segments stay until their frames are judged
@@ -158,9 +159,20 @@ class Journal:
         return self._segments[-1]
 
     def _write(self, line: bytes) -> None:
+        view = memoryview(line)
         try:
-            view = memoryview(line)
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as e:  # the line goes on; only a crash now could lose frames
-            log.error("cannot write the sink journal", journal=str(self.dir), error=str(e))
+            if len(view) < len(line):  # a torn line: later lines go to a new segment
+                os.close(self._fd)
+                self._fd = None
+            if not self.write_errors:
+                log.error("cannot write the sink journal (logged once until it can again)",
+                          journal=str(self.dir), error=str(e))
+            self.write_errors += 1
+            return
+        if self.write_errors:
+            log.info("sink journal writable again", journal=str(self.dir),
+                     lines_not_written=self.write_errors)
+            self.write_errors = 0

@@ -4,6 +4,11 @@ Segments are JSON-lines files named `<sequence>.jsonl` (zero-padded, so names so
 order). One writer: a process appends to a segment it created itself and never reopens an
 old one, so the only damage a crash can leave is a torn last line, which replay skips.
 Rows are read from the oldest segment; a segment is deleted once all its rows are committed.
+
+`max_bytes` is an alarm, not a cap: above it the spool logs an error once (and again once it
+is back under) and `over_limit` is set for the metrics, but rows go on being spooled while
+the filesystem takes them, since the alternative is losing audit rows. By then the image
+store's free-space guard has stopped writing images, so what disk is left goes to rows.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ class Chunk:
 
 
 class Spool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_bytes: int | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
         self._fd: int | None = None
         self._current: Path | None = None
         self._current_size = 0
@@ -42,10 +48,13 @@ class Spool:
         segs = self.segments()
         self._next_seq = int(segs[-1].stem) + 1 if segs else 1
         self.backlog = sum(_count_lines(p) for p in segs)
+        self.bytes = sum(p.stat().st_size for p in segs)  # of the segments on disk
+        self.over_limit = False
         self.pending = bool(segs)  # segments left to replay (set False once read finds none)
         if self.backlog:
             log.info("spooled audit rows waiting for the database", rows=self.backlog,
                      segments=len(segs), spool=str(self.dir))
+        self._check_limit()
 
     def segments(self) -> list[Path]:
         return sorted(p for p in self.dir.glob(f"*{SUFFIX}") if p.stem.isdigit())
@@ -58,18 +67,26 @@ class Spool:
             self._open_segment()
         data = b"".join(line + b"\n" for line in lines)
         view = memoryview(data)
+        written = 0
         try:
             while view:
-                view = view[os.write(self._fd, view):]
+                n = os.write(self._fd, view)
+                written += n
+                view = view[n:]
             os.fsync(self._fd)
         except OSError:
-            # A partial line may be on disk: leave this segment (replay skips its torn tail)
-            # so the caller's retry starts a clean one.
-            self._close_segment()
+            if written:
+                # A partial line may be on disk: leave this segment (replay skips its torn
+                # tail) so the caller's retry starts a clean one. With nothing written (a
+                # full disk) the segment is intact and stays: no empty segment per retry.
+                self.bytes += written
+                self._close_segment()
             raise
         self._current_size += len(data)
+        self.bytes += len(data)
         self.backlog += len(lines)
         self.pending = True
+        self._check_limit()
 
     def read(self, max_rows: int) -> Chunk | None:
         """Up to max_rows complete lines from the oldest segment, without consuming them."""
@@ -106,12 +123,29 @@ class Spool:
             return
         if chunk.segment == self._current:
             self._close_segment()
+        size = chunk.segment.stat().st_size
         chunk.segment.unlink()
         fsync_dir(self.dir)
         self._head_offset = 0
+        self.bytes = max(0, self.bytes - size)
+        self._check_limit()
 
     def close(self) -> None:
+        empty = self._current if self._fd is not None and self._current_size == 0 else None
         self._close_segment()
+        if empty is not None:  # opened for an append the disk refused: nothing to replay
+            empty.unlink(missing_ok=True)
+
+    def _check_limit(self) -> None:
+        over = self.max_bytes is not None and self.bytes > self.max_bytes
+        if over and not self.over_limit:
+            log.error("audit spool above max_spool_bytes: the database has been away long; "
+                      "rows go on spooling while the disk has room", spool=str(self.dir),
+                      bytes=self.bytes, max_spool_bytes=self.max_bytes, rows=self.backlog)
+        elif self.over_limit and not over:
+            log.info("audit spool back under max_spool_bytes", spool=str(self.dir),
+                     bytes=self.bytes, max_spool_bytes=self.max_bytes)
+        self.over_limit = over
 
     def _open_segment(self) -> None:
         self._close_segment()
