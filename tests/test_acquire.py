@@ -23,6 +23,7 @@ from PIL import Image
 
 from inspectd.core.config import LineSettings
 from inspectd.daemon import acquire as acquire_mod
+from inspectd.daemon import security
 from inspectd.daemon.acquire import Acquirer
 from inspectd.daemon.sink import Sink
 from inspectd.daemon.sources.base import Capture
@@ -67,6 +68,7 @@ class Line:
         for name in ("acquire", "worker", "sink"):  # the supervisor's order
             if name in self.threads and self.threads[name].is_alive():
                 self.stop_role(name)
+        security.release(self.ctx)
         self.ctx.term()
 
 

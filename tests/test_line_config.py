@@ -213,19 +213,32 @@ def test_validate_config_warns_of_suspicious_settings_and_passes(tmp_path):
     cfg = tmp_path / "line.yaml"
     cfg.write_text(f"line: l1\ndata_dir: {tmp_path}\ncameras:\n  cam1:\n    type: folder\n"
                    f"    path: {tmp_path}/in\n    sku: widget\n    deadline_ms: 4\n"
-                   "    endpoint: tcp://0.0.0.0:5555\nworker:\n  max_wait_ms: 5\n")
+                   "worker:\n  max_wait_ms: 5\n")
     proc = _validate(cfg, INSPECTD_SINK__DATABASE__URL="sqlite://")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.splitlines() == [f"warning: {cfg}: {w}" for w in [
         "'cameras.cam1.deadline_ms': 4 ms is not above worker.max_wait_ms (5 ms): a frame can "
         "spend its whole deadline waiting for its batch to fill (line 8)",
-        "'cameras.cam1.endpoint': tcp://0.0.0.0:5555 is reachable from the network, "
-        "unauthenticated and unencrypted (no CURVE keys yet): bind 127.0.0.1 unless roles on "
-        "other hosts connect (line 9)",
         "'sink.database.url': sqlite://: an in-memory audit log loses every verdict when the "
         "sink stops (from environment INSPECTD_SINK__DATABASE__URL)",
     ]]
     assert proc.stdout.startswith(f"{cfg}: ok\n")
+
+
+def test_a_network_endpoint_needs_the_line_keys(tmp_path, run_cli):
+    (tmp_path / "in").mkdir()
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(f"line: l1\ndata_dir: {tmp_path}\ncameras:\n  cam1:\n    type: folder\n"
+                   f"    path: {tmp_path}/in\n    sku: widget\n"
+                   "    endpoint: tcp://0.0.0.0:5555\n")
+    proc = _validate(cfg)
+    assert proc.returncode == 2
+    assert (f"error: {cfg}: 'cameras.cam1.endpoint': tcp://0.0.0.0:5555 is reachable from the "
+            "network: the line needs its CURVE keys there (inspectd keys generate -c CONFIG, "
+            "copied to every host), or bind 127.0.0.1 (line 8)") in proc.stderr
+    run_cli("keys", "generate", "-c", str(cfg))
+    proc = _validate(cfg)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
 
 def _host(tmp_path: Path, **sections) -> LineSettings:

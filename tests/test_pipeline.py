@@ -21,7 +21,16 @@ import pytest
 import zmq
 
 from inspectd.core.config import LineSettings
-from inspectd.core.wire import ANNOUNCE, FRAME, VERDICT, FrameHeader, Verdict, new_frame_id
+from inspectd.core.wire import (
+    ACK,
+    ANNOUNCE,
+    FRAME,
+    VERDICT,
+    Ack,
+    FrameHeader,
+    Verdict,
+    new_frame_id,
+)
 from inspectd.daemon.sink import Sink
 from inspectd.daemon.transport import socket
 from inspectd.daemon.worker import Worker
@@ -41,6 +50,7 @@ class Line:
                              hwm=100, linger_ms=0)
         self.to_sink = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
                               hwm=100, send_timeout_ms=2000)
+        self.acked: set[str] = set()
         self.threads = [threading.Thread(target=self.sink.run, args=(self.stop, 1.0))]
         if worker:
             self.worker = Worker(settings, self.ctx)
@@ -59,7 +69,16 @@ class Line:
         return h
 
     def send(self, h: FrameHeader, pixels: bytes | np.ndarray) -> str:
+        """As acquisition does: announce, wait for the sink to hold it, then hand it on."""
         self.to_sink.send_multipart([ANNOUNCE, h.encode()])
+        end = time.monotonic() + 10
+        while h.frame_id not in self.acked:
+            assert time.monotonic() < end, "the sink did not acknowledge the announcement"
+            if self.to_sink.poll(100):
+                kind, raw = self.to_sink.recv_multipart()
+                if kind == ACK:
+                    ack = Ack.decode(raw)
+                    self.acked.update(ack.held, ack.judged)
         self.frames.send_multipart([FRAME, h.encode(), pixels], copy=False)
         return h.frame_id
 

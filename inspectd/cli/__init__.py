@@ -3,7 +3,7 @@
     offline    fit, eval, predict                     data       data check|synth
     line       run, acquire|worker|sink, validate-config, events
     audit      db upgrade, audit query|stats|label    lifecycle  models …, refit
-    demo       demo
+    keys       keys generate|list                     demo       demo
 
 Command modules import the libraries they drive inside the command bodies, so `inspectd`
 starts without torch and `refit` can lower its priority before torch starts its threads.
@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from inspectd.cli import audit, data, demo, lifecycle, line, offline
+from inspectd.cli import audit, data, demo, keys, lifecycle, line, offline
 from inspectd.cli.common import err
 from inspectd.core.errors import InspectdError
 from inspectd.core.log import configure as configure_logging
@@ -45,6 +45,7 @@ app.add_typer(audit.db_app, name="db")
 app.add_typer(audit.audit_app, name="audit")
 line.register_events(app)
 lifecycle.register(app)
+app.add_typer(keys.keys_app, name="keys")
 demo.register(app)
 
 

@@ -177,13 +177,17 @@ def events_cmd(
 ) -> None:
     """Follow verdicts as the sink judges them: one line per frame (Ctrl-C to stop)."""
     from inspectd.daemon.events import subscribe
+    from inspectd.daemon.security import line_keys
 
+    keys = None
+    if config is not None:  # the line's keys, for a tcp endpoint with CURVE
+        s = line_settings(config, override)
+        keys = line_keys(s)
+        endpoint = endpoint or s.events_address()
     if endpoint is None:
-        if config is None:
-            raise ConfigError("events: give --endpoint or -c CONFIG")
-        endpoint = line_settings(config, override).events_address()
+        raise ConfigError("events: give --endpoint or -c CONFIG")
     seen = 0
-    stream = subscribe(endpoint, sku=sku, ng_only=ng)
+    stream = subscribe(endpoint, sku=sku, ng_only=ng, keys=keys)
     try:
         for event in stream:
             print(json.dumps(event) if as_json else _event_line(event), flush=True)

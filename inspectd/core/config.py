@@ -358,6 +358,14 @@ class MetricsSettings(Section):
     port: int = Field(9708, ge=0, lt=65536, description="0 = any free port")
 
 
+class SecuritySettings(Section):
+    keys_dir: Path | None = Field(
+        None, description="the line's CURVE key pair (inspectd keys generate), the same on "
+        "every host of the line; used on every tcp endpoint, required beyond loopback "
+        "(default data_dir/keys)"
+    )
+
+
 class SupervisorSettings(Section):
     restart_limit: int = Field(5, ge=0, description="restarts of one child per window")
     restart_window_s: float = Field(60.0, gt=0)
@@ -429,6 +437,7 @@ class LineSettings(InspectdSettings):
     events: EventSettings = EventSettings()
     metrics: MetricsSettings = MetricsSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
+    security: SecuritySettings = SecuritySettings()
     refit: RefitSettings = RefitSettings()
 
     @field_validator("cameras")
@@ -482,3 +491,7 @@ class LineSettings(InspectdSettings):
     @property
     def journal_dir(self) -> Path:
         return self.data_dir / "journal"
+
+    @property
+    def keys_dir(self) -> Path:
+        return (self.security.keys_dir or self.data_dir / "keys").expanduser()

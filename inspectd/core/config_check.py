@@ -110,11 +110,12 @@ def _endpoints(s: LineSettings) -> list[Problem]:
     bound.append((("sink_endpoint",), s.sink_address(), s.sink_endpoint is not None))
     bound.append((("events", "endpoint"), s.events_address(), s.events.endpoint is not None))
     out: list[Problem] = []
+    keyed = (s.keys_dir / "line.key_secret").is_file()  # inspectd keys generate
     seen: list[tuple[tuple[str, ...], str, tuple[str, ...]]] = []  # (key, endpoint, identity)
     for loc, ep, configured in bound:
         # A default endpoint lives in run_dir: that is the key to change.
         key = loc if configured else ("run_dir",)
-        problem, warning, ident = _endpoint(ep)
+        problem, warning, ident = _endpoint(ep, keyed)
         if problem:
             out.append(Problem(key, problem, warning))
             if not warning:
@@ -128,9 +129,10 @@ def _endpoints(s: LineSettings) -> list[Problem]:
     return out
 
 
-def _endpoint(ep: str) -> tuple[str | None, bool, tuple[str, ...]]:
+def _endpoint(ep: str, keyed: bool) -> tuple[str | None, bool, tuple[str, ...]]:
     """(problem, is it only a warning, identity for spotting a second bind) of one endpoint
-    that a role binds and others connect to, with the same string."""
+    that a role binds and others connect to, with the same string; `keyed`: the line has
+    its CURVE keys."""
     if ep.startswith("ipc://"):
         path = ep[len("ipc://"):]
         if not path:
@@ -153,10 +155,10 @@ def _endpoint(ep: str) -> tuple[str | None, bool, tuple[str, ...]]:
                 "port 1-65535 (127.0.0.1 on one host, this host's address across hosts)"
                 ), False, ()
     ident = ("tcp", port, host.strip("[]").lower())
-    if not _loopback(host):
-        return (f"{ep} is reachable from the network, unauthenticated and unencrypted (no "
-                "CURVE keys yet): bind 127.0.0.1 unless roles on other hosts connect"
-                ), True, ident
+    if not _loopback(host) and not keyed:
+        return (f"{ep} is reachable from the network: the line needs its CURVE keys there "
+                "(inspectd keys generate -c CONFIG, copied to every host), or bind 127.0.0.1"
+                ), False, ident
     return None, False, ident
 
 

@@ -48,6 +48,7 @@ from inspectd.core.wire import (
     new_frame_id,
     valid_name,
 )
+from inspectd.daemon.security import line_keys
 from inspectd.daemon.sources import Capture, open_source
 from inspectd.daemon.transport import socket
 
@@ -125,11 +126,12 @@ class Acquirer:
                  ctx: zmq.Context | None = None) -> None:
         self.s, self.camera, self.cfg = settings, camera, settings.cameras[camera]
         self.ctx = ctx or zmq.Context.instance()
+        keys = line_keys(settings)
         # Frames wait in the holding queue here, not in ZeroMQ's pipes: one in flight.
         self.frames = socket(self.ctx, zmq.PUSH, settings.frames_endpoint(camera), bind=True,
-                             hwm=1, linger_ms=0)
+                             hwm=1, linger_ms=0, keys=keys)
         self.sink = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
-                           hwm=MAX_TRACKED, linger_ms=2000)
+                           hwm=MAX_TRACKED, linger_ms=2000, keys=keys)
         self.wake_endpoint = f"inproc://acquire-wake-{camera}-{id(self)}"
         self.wake = self.ctx.socket(zmq.PULL)
         self.wake.bind(self.wake_endpoint)

@@ -22,6 +22,7 @@ import zmq
 
 from inspectd.core.config import MqttSettings
 from inspectd.core.wire import VERDICTS, Verdict, valid_name
+from inspectd.daemon.security import LineKeys
 from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.events")
@@ -42,11 +43,11 @@ def event_json(v: Verdict, paths: dict[str, str] | None) -> bytes:
 
 class EventPublisher:
     def __init__(self, endpoint: str, line: str, mqtt_cfg: MqttSettings,
-                 ctx: zmq.Context | None = None) -> None:
+                 ctx: zmq.Context | None = None, keys: LineKeys | None = None) -> None:
         self.line = line
         self.dropped = 0
         self._sock = socket(ctx or zmq.Context.instance(), zmq.PUB, endpoint, bind=True,
-                            hwm=PUB_HWM, linger_ms=200)
+                            hwm=PUB_HWM, linger_ms=200, keys=keys)
         self._mqtt = _MqttOut(mqtt_cfg, line) if mqtt_cfg.enabled else None
 
     def publish(self, v: Verdict, paths: dict[str, str] | None = None) -> None:
@@ -121,13 +122,13 @@ def _prefixes(sku: str | None, ng_only: bool) -> list[bytes]:
 
 
 def subscribe(endpoint: str, sku: str | None = None, ng_only: bool = False,
-              stop: threading.Event | None = None,
-              ctx: zmq.Context | None = None) -> Iterator[dict[str, Any]]:
+              stop: threading.Event | None = None, ctx: zmq.Context | None = None,
+              keys: LineKeys | None = None) -> Iterator[dict[str, Any]]:
     """Events from a sink's PUB endpoint as dicts, until `stop` is set or the caller stops."""
     if sku is not None:
         valid_name(sku, "sku")
     sock = socket(ctx or zmq.Context.instance(), zmq.SUB, endpoint, bind=False, hwm=SUB_HWM,
-                  linger_ms=0)
+                  linger_ms=0, keys=keys)
     for prefix in _prefixes(sku, ng_only):
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
     try:

@@ -48,6 +48,7 @@ from inspectd.core.wire import (
 from inspectd.daemon.events import EventPublisher
 from inspectd.daemon.metrics import Metrics
 from inspectd.daemon.plc import VerdictOutput, open_output
+from inspectd.daemon.security import line_keys
 from inspectd.daemon.transport import socket
 from inspectd.storage.audit import AuditLog
 from inspectd.storage.images import ImageStore
@@ -80,8 +81,9 @@ class Sink:
                  heartbeat: Callable[[], None] | None = None) -> None:
         self.s = settings
         self.ctx = ctx or zmq.Context.instance()
+        keys = line_keys(settings)
         self.inbox = socket(self.ctx, zmq.ROUTER, settings.sink_address(), bind=True,
-                            hwm=100_000)
+                            hwm=100_000, keys=keys)
         db = settings.sink.database
         self.audit = AuditLog(settings.database_url(), settings.spool_dir, db.commit_rows,
                               db.commit_interval_ms / 1000, db.retry_s, db.max_spool_bytes,
@@ -89,7 +91,7 @@ class Sink:
         self.images = ImageStore(settings.images_dir, settings.sink.images)
         self.output = output or open_output(settings.plc)
         self.events = EventPublisher(settings.events_address(), settings.line,
-                                     settings.events.mqtt, self.ctx)
+                                     settings.events.mqtt, self.ctx, keys)
         self.metrics = metrics or Metrics()
         self.heartbeat = heartbeat or (lambda: None)
         self.counts = SinkCounts()

@@ -1,25 +1,21 @@
 """ZeroMQ socket handling for the roles; the wire format lives in `core.wire`.
 
 Every socket gets a bounded high-water mark and a short linger; transport failures become
-`TransportError`s that name the endpoint.
+`TransportError`s that name the endpoint. Security (`security`): CURVE with the line's keys
+on tcp endpoints, private ipc sockets.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import zmq
 
 from inspectd.core.errors import InspectdError
+from inspectd.daemon import security
+from inspectd.daemon.security import LineKeys
 
 
 class TransportError(InspectdError):
     """A socket could not bind, connect or send."""
-
-
-def _ipc_dir(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        Path(endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def socket(
@@ -31,8 +27,13 @@ def socket(
     hwm: int,
     linger_ms: int = 1000,
     send_timeout_ms: int | None = None,
+    keys: LineKeys | None = None,
 ) -> zmq.Socket:
-    """A socket bound to, or connected to, each endpoint, with bounded queues."""
+    """A socket bound to, or connected to, each endpoint, with bounded queues; CURVE with
+    `keys` on tcp endpoints (one socket's endpoints are all tcp or all not)."""
+    eps = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    if keys is not None and len({security.is_tcp(ep) for ep in eps}) > 1:
+        raise TransportError(f"{', '.join(eps)}: tcp and non-tcp endpoints on one socket")
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -43,14 +44,16 @@ def socket(
         # Queue only for peers that are actually connected: with no worker up, a send fails
         # at once (and the frame is audited as a reject) instead of waiting in a pipe.
         sock.setsockopt(zmq.IMMEDIATE, 1)
-    for ep in [endpoints] if isinstance(endpoints, str) else endpoints:
+    for ep in eps:
         try:
+            security.secure(sock, ep, bind, keys)
             if bind:
-                _ipc_dir(ep)
+                security.private_ipc(ep)
                 sock.bind(ep)
+                security.after_bind(ep)
             else:
                 sock.connect(ep)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, OSError, security.KeysError) as e:
             sock.close(0)
             raise TransportError(f"{ep}: cannot {'bind' if bind else 'connect'} ({e})") from None
     return sock

@@ -39,6 +39,7 @@ from inspectd.core.wire import (
     pixels_to_array,
     to_rgb8,
 )
+from inspectd.daemon.security import line_keys
 from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.worker")
@@ -235,10 +236,12 @@ class Worker:
         self.s = settings
         w = settings.worker
         self.ctx = ctx or zmq.Context.instance()
-        endpoints = [settings.frames_endpoint(c) for c in settings.cameras]
-        self.frames = socket(self.ctx, zmq.PULL, endpoints, bind=False, hwm=w.max_batch)
+        keys = line_keys(settings)
+        # One socket per camera: each endpoint has its own security (ipc, or tcp + CURVE).
+        self.frames = [socket(self.ctx, zmq.PULL, settings.frames_endpoint(c), bind=False,
+                              hwm=w.max_batch, keys=keys) for c in settings.cameras]
         self.out = socket(self.ctx, zmq.DEALER, settings.sink_address(), bind=False,
-                          hwm=10_000)
+                          hwm=10_000, keys=keys)
         self.heartbeat = heartbeat or (lambda: None)
         self.models = ModelCache(settings.models_dir, w.model_cache, w.device, w.precision,
                                  self.heartbeat)
@@ -247,6 +250,7 @@ class Worker:
         self.name = f"{settings.line}-{os.getpid()}"
         self._ok_seen = 0
         self._status_due = 0.0
+        self._turn = 0
 
     def preload(self) -> None:
         """Load (and warm up) models before the line reports ready, so the first frames are not
@@ -262,7 +266,8 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
-        poller.register(self.frames, zmq.POLLIN)
+        for sock in self.frames:
+            poller.register(sock, zmq.POLLIN)
         while not stop.is_set():
             self.heartbeat()
             self._status()
@@ -275,7 +280,8 @@ class Worker:
         self.close()
 
     def close(self) -> None:
-        self.frames.close(0)
+        for sock in self.frames:
+            sock.close(0)
         self.out.close()
 
     def _status(self) -> None:
@@ -293,11 +299,17 @@ class Worker:
     # -- batching -------------------------------------------------------------------------
     def _receive(self) -> None:
         # Hold two batches: enough to group by SKU; the rest waits (bounded) at acquisition.
-        while len(self.queue) < 2 * self.s.worker.max_batch:
+        # Cameras take turns, so a busy one cannot starve the others.
+        idle = 0
+        while len(self.queue) < 2 * self.s.worker.max_batch and idle < len(self.frames):
+            sock = self.frames[self._turn % len(self.frames)]
+            self._turn += 1
             try:
-                parts = self.frames.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                idle += 1
+                continue
+            idle = 0
             now = time.time()
             if len(parts) != 3 or parts[0].bytes != FRAME:
                 log.warning("dropped malformed message", parts=len(parts))
