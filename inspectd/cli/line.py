@@ -25,8 +25,16 @@ LineConfigOpt = Annotated[
 
 
 def configured_line(config: Path, overrides: list[str] | None) -> LineSettings:
+    """The line config, logging set up, and what validate-config would say logged: a
+    problem (a camera folder not mounted yet) is logged, not fatal — the roles retry."""
+    from inspectd.core.config_check import line_problems
+
     s = line_settings(config, overrides)
     configure_logging(s.log_level)
+    log = structlog.get_logger("inspectd.config")
+    for p in line_problems(s):
+        (log.warning if p.warning else log.error)("line config problem", key=p.key,
+                                                  problem=p.message, config=str(config))
     return s
 
 

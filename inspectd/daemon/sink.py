@@ -95,6 +95,7 @@ class Sink:
         self.metrics = metrics or Metrics()
         self.heartbeat = heartbeat or (lambda: None)
         self.counts = SinkCounts()
+        self._events_dropped = 0  # exported so far
         self._pending: dict[str, FrameHeader] = {}
         self._deadlines: list[tuple[float, str]] = []
         # Frame ids already judged → (verdict, reason), to ignore late or repeated messages
@@ -170,6 +171,9 @@ class Sink:
         self.output.tick()
         for reason, n in self.output.take_drops().items():
             self.metrics.dropped(reason, n)
+        if self.events.dropped > self._events_dropped:
+            self.metrics.dropped("event", self.events.dropped - self._events_dropped)
+            self._events_dropped = self.events.dropped
         self.counts.pending = len(self._pending)
         self.metrics.set_pending(len(self._pending))
         self.metrics.set_plc_up(self.output.healthy)

@@ -45,6 +45,7 @@ from inspectd.daemon.transport import socket
 log = structlog.get_logger("inspectd.worker")
 STATUS_EVERY_S = 1.0
 LOAD_RETRY_S = (2.0, 60.0)  # a SKU whose model fails to load: retry after 2 s, doubling to 60
+LOAD_BEAT_S = 300.0  # a model load may take this long before the worker counts as hung
 
 
 class ServiceTime:
@@ -213,11 +214,15 @@ class ModelCache:
 
 
 @contextmanager
-def _beating(heartbeat: Callable[[], None], every: float = 0.5) -> Iterator[None]:
+def _beating(heartbeat: Callable[[], None], every: float = 0.5,
+             at_most: float = LOAD_BEAT_S) -> Iterator[None]:
+    """Heartbeats while a model loads (slow, not hung) — for at most `at_most` seconds, so a
+    load that hangs for good still ends in a restart by the watchdog."""
     done = threading.Event()
 
     def beat() -> None:
-        while not done.wait(every):
+        end = time.monotonic() + at_most
+        while not done.wait(every) and time.monotonic() < end:
             heartbeat()
 
     t = threading.Thread(target=beat, name="load-heartbeat", daemon=True)
