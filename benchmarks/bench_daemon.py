@@ -51,7 +51,8 @@ from inspectd.core.resources import set_threads  # noqa: E402
 from inspectd.daemon.roles import role_threads  # noqa: E402
 
 SKU = "object"
-PART_REGISTER, VERDICT_REGISTER, HEARTBEAT_REGISTER, REJECT_COIL = 0, 1, 2, 16
+VERDICT_BLOCK, HEARTBEAT_REGISTER, REJECT_COIL = 0, 4, 16  # block: sequence, part, code
+PART_REGISTER, VERDICT_REGISTER = VERDICT_BLOCK + 1, VERDICT_BLOCK + 2
 LOADS = (("saturation", 3.0), ("half", 0.5), ("double", 2.0))  # name, × bare images/s
 BIN_S = 5.0  # judged frames/s are counted per bin of this many seconds
 RSS_EVERY_S = 2.0
@@ -98,9 +99,9 @@ def line_settings(work: Path, run_dir: Path, cameras: dict | None = None,
         "worker": {"max_batch": 8, "max_wait_ms": 10},
         "metrics": {"enabled": False},
         "plc": {"type": "modbus", "modbus": {
-            "host": "127.0.0.1", "port": plc_port, "part_register": PART_REGISTER,
-            "verdict_register": VERDICT_REGISTER, "slots": 1, "reject_coil": REJECT_COIL,
-            "heartbeat_register": HEARTBEAT_REGISTER}},
+            "host": "127.0.0.1", "port": plc_port, "verdict_block": VERDICT_BLOCK,
+            "slots": 1, "reject_coil": REJECT_COIL, "heartbeat_register": HEARTBEAT_REGISTER,
+            "max_age_ms": None}},
     }
 
 
@@ -225,8 +226,8 @@ class PlcRecorder:
         self._thread.join(10)
 
     def verdict_times(self) -> dict[int, float]:
-        """Part number → when its verdict code reached the PLC (the verdict write that follows
-        the part-register write; the first one if a part number comes twice)."""
+        """Part number → when its verdict code reached the PLC (the block's part and code
+        registers, written by one FC16; the first one if a part number comes twice)."""
         out: dict[int, float] = {}
         part = None
         for t, address, value in list(self.writes):
@@ -364,12 +365,12 @@ def audit_rows(line: Path) -> list[dict[str, Any]]:
 
 
 def timeout_cause(reason: str | None) -> str:
-    """TIMEOUT reasons grouped: shed at intake, aged out in the worker's queue, shed by the
-    worker because its batch would finish too late, scored too late, no verdict in time
-    (sink), or still pending when the daemon stopped."""
+    """TIMEOUT reasons grouped: shed at intake (queue full), aged out at acquisition with no
+    worker free, aged out in the worker's queue, shed by the worker because it would finish
+    too late, scored too late, no verdict in time (sink), or pending when the daemon stopped."""
     r = reason or ""
-    for prefix, cause in (("overload", "overload"), ("deadline passed before", "queued"),
-                          ("would miss", "hopeless"),
+    for prefix, cause in (("overload", "overload"), ("no worker free", "held"),
+                          ("deadline passed before", "queued"), ("would miss", "hopeless"),
                           ("scored", "scored late"), ("no verdict", "no verdict"),
                           ("daemon stopped", "shutdown")):
         if r.startswith(prefix):

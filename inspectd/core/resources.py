@@ -18,9 +18,14 @@ def host_cores() -> int:
 
 
 def set_threads(n: int) -> None:
-    """Must run before torch is imported in this process (OpenMP reads the environment once)."""
+    """Must run before torch is imported in this process (OpenMP reads the environment once).
+
+    OpenMP threads also wait passively (they sleep, not spin, between parallel regions)
+    unless the environment says otherwise: roles share the host's cores, and a spinning
+    worker takes CPU the sink and acquisition need. Alone it scores as fast (BENCHMARKS.md)."""
     for var in THREAD_VARS:
         os.environ[var] = str(n)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import cv2
 
     cv2.setNumThreads(n)

@@ -12,9 +12,15 @@ For every capture:
    worker sheds, by its measured service time, what reaches it too late to be scored.
 
 Admission is by deadline, not by count: a burst the line can judge in time waits here and
-is judged. When the queue is full, a file source (folder, video file) stops taking files
-until there is room again; a live camera cannot wait, so the frame nearest its deadline is
-shed (TIMEOUT, audited). A frame acquisition cannot read is audited ERROR at once.
+is judged. Acquisition measures how fast the line takes its frames while they wait (the
+drain rate, `DrainRate`), so it knows when a frame can no longer make its deadline. A file
+source (folder, unpaced video file) takes the next file only when the line can judge it in
+time and the queue has room: otherwise files wait in the folder, none is shed. A live
+camera cannot wait: a held frame that could not be judged in time even if handed on next is
+audited TIMEOUT, and while the held frames cannot all make it (overload) the newest are
+handed on first, so the frames scored are scored with time to spare and the oldest, which
+would miss anyway, cost no inference; a full queue sheds the frame nearest its deadline. A
+frame acquisition cannot read is audited ERROR at once.
 
 The sink tells acquisition each frame's outcome; a folder source then moves the file (OK,
 NG: `after`; ERROR, TIMEOUT: quarantine), so a file is never deleted unjudged. On stop, no
@@ -28,6 +34,7 @@ import heapq
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -73,6 +80,70 @@ class _Frame:
     @property
     def nbytes(self) -> int:
         return self.image.nbytes if self.image is not None else 0
+
+
+class DrainRate:
+    """How fast the line takes this camera's frames while they wait: the mean interval
+    between hand-overs that a waiting frame made (the worker was the limit, not arrivals),
+    over the last WINDOW of them. Measured, so it follows CPU contention, the SKU mix and
+    the number of workers."""
+
+    WINDOW = 64
+    MIN = 8  # intervals before an estimate is trusted
+
+    def __init__(self) -> None:
+        self._intervals: deque[float] = deque(maxlen=self.WINDOW)
+        self._last: float | None = None
+        self._waiting = False
+
+    def dispatched(self, now: float, backlog_left: bool) -> None:
+        if self._last is not None and self._waiting:
+            self._intervals.append(now - self._last)
+        self._last, self._waiting = now, backlog_left
+
+    @property
+    def per_frame(self) -> float | None:
+        if len(self._intervals) < self.MIN:
+            return None
+        return sum(self._intervals) / len(self._intervals)
+
+
+class HoldingQueue:
+    """Acknowledged frames waiting for a worker, by deadline: the earliest and the latest
+    are both at hand (two heaps; entries let go of elsewhere are skipped lazily)."""
+
+    def __init__(self) -> None:
+        self._min: list[tuple[float, int, str]] = []
+        self._max: list[tuple[float, int, str]] = []
+        self._live: dict[str, float] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def push(self, deadline: float, fid: str) -> None:
+        self._seq += 1
+        self._live[fid] = deadline
+        heapq.heappush(self._min, (deadline, self._seq, fid))
+        heapq.heappush(self._max, (-deadline, -self._seq, fid))
+
+    def discard(self, fid: str) -> None:
+        self._live.pop(fid, None)
+
+    def earliest(self) -> tuple[float, str] | None:
+        while self._min and self._min[0][2] not in self._live:
+            heapq.heappop(self._min)
+        return (self._min[0][0], self._min[0][2]) if self._min else None
+
+    def latest(self) -> tuple[float, str] | None:
+        while self._max and self._max[0][2] not in self._live:
+            heapq.heappop(self._max)
+        return (-self._max[0][0], self._max[0][2]) if self._max else None
+
+    def clear(self) -> None:
+        self._live.clear()
+        self._min.clear()
+        self._max.clear()
 
 
 class _Feeder(threading.Thread):
@@ -136,9 +207,10 @@ class Acquirer:
         self.wake = self.ctx.socket(zmq.PULL)
         self.wake.bind(self.wake_endpoint)
         self.tracked: dict[str, _Frame] = {}  # sent to the sink, outcome not yet known
-        self.ready: list[tuple[float, int, str]] = []  # acknowledged, held: (deadline, n, id)
+        self.ready = HoldingQueue()  # acknowledged, held, waiting for a worker
         self.held_bytes = 0
-        self._seq = 0
+        self.held_frames = 0
+        self.drain = DrainRate()
         self.sent = self.shed = self.errors = 0
 
     # -- the loop -------------------------------------------------------------------------
@@ -189,6 +261,8 @@ class Acquirer:
                 if drain_until is None:
                     self._take(feeder.q, push_back)
                 self._dispatch()
+                if not push_back:
+                    self._shed_hopeless()
                 self._expire()
                 self._resend()
         finally:
@@ -206,16 +280,17 @@ class Acquirer:
         # Wake for the next deadline among held frames, and at least every 100 ms for the
         # heartbeat and resends.
         timeout = 0.1
-        if self.ready:
-            timeout = min(timeout, max(0.0, self.ready[0][0] - time.time()))
+        first = self.ready.earliest()
+        if first is not None:
+            timeout = min(timeout, max(0.0, first[0] - time.time()))
         return int(timeout * 1000) + 1
 
     # -- captures in ------------------------------------------------------------------------
     def _take(self, q: queue.Queue[Capture], push_back: bool) -> None:
         limit = self.cfg.queue_bytes
         while len(self.tracked) < MAX_TRACKED:
-            if push_back and self.held_bytes >= limit:
-                return  # the source waits: no file is shed for want of room
+            if push_back and (self.held_bytes >= limit or not self._room_in_time()):
+                return  # the source waits: no file is shed for want of room or time
             try:
                 cap = q.get_nowait()
             except queue.Empty:
@@ -260,6 +335,7 @@ class Acquirer:
             return
         self.tracked[fid] = f
         self.held_bytes += f.nbytes
+        self.held_frames += f.image is not None
         self._to_sink(f)
 
     # -- the sink's answers -----------------------------------------------------------------
@@ -282,8 +358,7 @@ class Acquirer:
                 if f is not None and not f.acked and not f.judged_here:
                     f.acked = True
                     if f.image is not None and f.header is not None:
-                        self._seq += 1
-                        heapq.heappush(self.ready, (f.header.deadline_ts, self._seq, fid))
+                        self.ready.push(f.header.deadline_ts, fid)
                     elif not f.dispatched and f.header is not None:
                         self._judge_here(fid, f, "overload: shed from the holding queue")
             for fid, (verdict, reason) in ack.judged.items():
@@ -294,18 +369,22 @@ class Acquirer:
         f = self.tracked.pop(fid, None)
         if f is None:
             return
-        self.held_bytes -= f.nbytes
-        f.image = None
+        self._let_go(f)
         if f.done is not None:
             f.done(verdict, reason)
 
     # -- frames out ---------------------------------------------------------------------------
     def _dispatch(self) -> None:
+        """Hand held frames to workers while one has room: earliest deadline first while
+        the line keeps up; newest first when it cannot (every held frame would not make
+        it), so the frames scored are scored with time to spare, and the oldest — which
+        would miss anyway — are shed before they cost any inference."""
         while self.ready:
-            deadline, _, fid = self.ready[0]
+            pick = self.ready.latest() if self._overloaded() else self.ready.earliest()
+            deadline, fid = pick
             f = self.tracked.get(fid)
             if f is None or f.image is None or f.header is None:
-                heapq.heappop(self.ready)
+                self.ready.discard(fid)
                 continue
             if deadline <= time.time():
                 return  # _expire audits it
@@ -315,24 +394,69 @@ class Acquirer:
                                            copy=False)
             except zmq.Again:
                 return  # no worker has room: the frame stays held
-            heapq.heappop(self.ready)
-            self.held_bytes -= f.nbytes
-            f.image = None
+            self.ready.discard(fid)
+            self._let_go(f)
             f.dispatched = True
             f.sent_at = time.monotonic()
             self.sent += 1
+            self.drain.dispatched(f.sent_at, backlog_left=bool(self.ready))
             if f.done is None:  # nobody needs its outcome here
                 self.tracked.pop(fid, None)
 
+    def _overloaded(self) -> bool:
+        """The held frames cannot all be judged in time: the newest, served after all the
+        others at the measured drain rate, would miss its deadline."""
+        last = self.ready.latest()
+        finish = self._finish_s(len(self.ready) - 1)
+        return last is not None and finish is not None and time.time() + finish > last[0]
+
     def _expire(self) -> None:
         now = time.time()
-        while self.ready and self.ready[0][0] <= now:
-            deadline, _, fid = heapq.heappop(self.ready)
+        while (first := self.ready.earliest()) is not None and first[0] <= now:
+            fid = first[1]
+            self.ready.discard(fid)
             f = self.tracked.get(fid)
             if f is None or f.image is None:
                 continue
             held = (now - f.header.capture_ts) * 1000 if f.header else 0.0
             self._judge_here(fid, f, f"no worker free before the deadline (held {held:.0f} ms)")
+
+    def _let_go(self, f: _Frame) -> None:
+        """The frame's pixels leave the holding queue (handed on, shed or judged)."""
+        if f.image is not None:
+            self.held_bytes -= f.image.nbytes
+            self.held_frames -= 1
+            f.image = None
+
+    def _finish_s(self, ahead: int) -> float | None:
+        """Seconds until a frame with `ahead` held frames before it would be judged: those,
+        and a worker's own queue (two batches), at the measured drain rate; None before it
+        is measured."""
+        per_frame = self.drain.per_frame
+        if per_frame is None:
+            return None
+        return (ahead + 2 * self.s.worker.max_batch + 1) * per_frame
+
+    def _room_in_time(self) -> bool:
+        """A file source takes the next file only if the line can judge it in time."""
+        finish = self._finish_s(self.held_frames)
+        return finish is None or finish <= self.cfg.deadline_ms / 1000
+
+    def _shed_hopeless(self) -> None:
+        """Live camera: a held frame that could not be judged in time even if handed on
+        next (the measured drain rate through a worker's queue) is audited TIMEOUT now."""
+        finish = self._finish_s(0)
+        if finish is None:
+            return
+        deadline_before = time.time() + finish
+        while (first := self.ready.earliest()) is not None and first[0] < deadline_before:
+            fid = first[1]
+            self.ready.discard(fid)
+            f = self.tracked.get(fid)
+            if f is None or f.image is None:
+                continue
+            self._judge_here(fid, f, f"would miss its deadline even handed on now: the line "
+                                     f"takes ~{finish * 1000:.0f} ms through a worker")
 
     def _shed_nearest(self) -> bool:
         """Live camera, queue full: shed the held frame nearest its deadline."""
@@ -342,8 +466,7 @@ class Acquirer:
             return False
         _, fid = min(held)
         f = self.tracked[fid]
-        self.held_bytes -= f.nbytes
-        f.image = None
+        self._let_go(f)
         if f.acked:
             self._judge_here(fid, f, "overload: shed from the holding queue")
         # else: judged when its acknowledgement comes (no pixels left to send)
@@ -352,8 +475,8 @@ class Acquirer:
     def _judge_here(self, fid: str, f: _Frame, reason: str) -> None:
         """Audit a held frame TIMEOUT from here; the outcome comes back in an ack."""
         assert f.header is not None
-        self.held_bytes -= f.nbytes
-        f.image = None
+        self.ready.discard(fid)
+        self._let_go(f)
         f.acked = False
         f.judged_here = True
         f.message = [JUDGED, Verdict.for_frame(f.header, "TIMEOUT", reason).encode()]

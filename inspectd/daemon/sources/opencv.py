@@ -34,7 +34,8 @@ class OpenCVSource(SourceBase):
         self.uri = cfg.uri
         self.stream = isinstance(self.uri, str) and "://" in self.uri
         self.live = isinstance(self.uri, int) or self.stream or str(self.uri).startswith("/dev/")
-        self.push_back = not self.live  # a video file or image sequence can wait
+        # A file can wait for the line, unless paced (max_fps): then it plays a live camera.
+        self.push_back = not self.live and cfg.max_fps is None
         if not self.live and "%" not in self.uri and not Path(self.uri).is_file():
             raise SourceError(f"cameras.{name}.uri: no video file {self.uri}")
         self.count = 0
