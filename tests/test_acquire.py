@@ -51,6 +51,7 @@ class Line:
 
     def start_sink(self) -> None:
         sink = Sink(settings=self.s, ctx=self.ctx)
+        self.sink_metrics = sink.metrics
         self._start("sink", lambda stop: sink.run(stop, 1.0))
 
     def _start(self, name: str, target: Callable[[threading.Event], None]) -> None:
@@ -287,3 +288,23 @@ def test_a_sink_that_is_away_loses_no_frame_and_files_wait(settings, synth_root)
     rows = audit_rows(settings.database_url())
     assert len(rows) == 10 and len({r["frame_id"] for r in rows}) == 10
     assert {r["verdict"] for r in rows} <= {"OK", "NG"}
+
+
+def test_the_sink_exports_worker_queue_depth_and_frames_held_at_acquisition(settings,
+                                                                            synth_root):
+    inbox = settings.cameras["cam1"].path
+    line = Line(settings)
+    try:
+        time.sleep(0.5)
+        drop(inbox, "one.png", _goods(synth_root)[0].read_bytes())
+        wait_rows(settings.database_url(), 1)
+        registry = line.sink_metrics.registry
+
+        def sample(name: str) -> list[float]:
+            return [s.value for fam in registry.collect() for s in fam.samples
+                    if s.name == name]
+
+        until(lambda: sample("inspectd_worker_queue_depth")
+              and sample("inspectd_held_frames") == [0.0], "both figures exported")
+    finally:
+        line.close()

@@ -168,13 +168,16 @@ class Ack:
 
 @dataclass
 class Status:
-    """A role's live figures for the sink's metrics: `queue` frames waiting in it, and for a
-    worker its measured service time per SKU (ms for a batch of `max_batch`)."""
+    """A role's live figures for the sink's metrics: `queue` frames waiting in it (a worker's
+    queue; frames held at acquisition), `unsent` messages it could not send so far (the
+    sink not reading), and for a worker its measured service time per SKU (ms for a batch
+    of `max_batch`)."""
 
     role: str
     name: str
     queue: int
     service_ms: dict[str, float] = field(default_factory=dict)
+    unsent: int = 0
 
     def encode(self) -> bytes:
         return json.dumps({**asdict(self), "v": VERSION}, separators=(",", ":")).encode()
@@ -183,11 +186,13 @@ class Status:
     def decode(cls, raw: bytes) -> Status:
         data = _load(raw, cls.__name__)
         try:
-            queue = data["queue"]
-            if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
-                raise ValueError("queue: expected a count")
+            queue, unsent = data["queue"], data.get("unsent", 0)
+            for n in (queue, unsent):
+                if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                    raise ValueError("queue, unsent: expected counts")
             return cls(_one_of("acquire", "worker")(data["role"]), _text(data["name"]), queue,
-                       {valid_name(k): _number(v) for k, v in data.get("service_ms", {}).items()})
+                       {valid_name(k): _number(v) for k, v in data.get("service_ms", {}).items()},
+                       unsent)
         except (ValueError, TypeError, KeyError, AttributeError, ProtocolError) as e:
             raise ProtocolError(f"bad status: {e}") from None
 

@@ -48,9 +48,11 @@ from inspectd.core.wire import (
     ANNOUNCE,
     FRAME,
     JUDGED,
+    STATUS,
     Ack,
     FrameHeader,
     ProtocolError,
+    Status,
     Verdict,
     new_frame_id,
     valid_name,
@@ -61,6 +63,7 @@ from inspectd.daemon.transport import socket
 
 log = structlog.get_logger("inspectd.acquire")
 RESEND_S = 1.0  # an announcement not acknowledged by then is sent again
+STATUS_EVERY_S = 1.0
 RECHECK_S = 5.0  # a frame with a worker and no outcome this long after its deadline: ask
 FEED_SLOTS = 4  # captures waiting between the source thread and the loop
 MAX_TRACKED = 100_000  # frame headers awaiting an acknowledgement or an outcome
@@ -211,6 +214,7 @@ class Acquirer:
         self.held_bytes = 0
         self.held_frames = 0
         self.drain = DrainRate()
+        self._status_due = 0.0
         self.sent = self.shed = self.errors = 0
 
     # -- the loop -------------------------------------------------------------------------
@@ -265,6 +269,7 @@ class Acquirer:
                     self._shed_hopeless()
                 self._expire()
                 self._resend()
+                self._status()
         finally:
             taking.set()
             source.close()
@@ -489,6 +494,18 @@ class Acquirer:
             if f.image is not None and f.header is not None:
                 self._judge_here(fid, f, "daemon stopped before the frame was scored")
         self.ready.clear()
+
+    def _status(self) -> None:
+        """Frames held here, to the sink's metrics, about once a second."""
+        now = time.monotonic()
+        if now < self._status_due:
+            return
+        self._status_due = now + STATUS_EVERY_S
+        try:
+            self.sink.send_multipart([STATUS, Status("acquire", self.camera,
+                                                     self.held_frames).encode()], zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     # -- to the sink ----------------------------------------------------------------------------
     def _to_sink(self, f: _Frame) -> None:

@@ -62,6 +62,8 @@ class Metrics:
                                 ["sku", "version"], registry=r)
         self.worker_queue = Gauge("inspectd_worker_queue_depth", "Frames queued in a worker",
                                   ["worker"], registry=r)
+        self.held = Gauge("inspectd_held_frames", "Frames held at a camera's acquisition, "
+                          "waiting for a worker", ["camera"], registry=r)
         self._models: dict[str, str] = {}
 
     def observe_verdict(self, v: Verdict, capture_to_output_s: float | None) -> None:
@@ -120,6 +122,9 @@ class Metrics:
 
     def set_worker_queue(self, worker: str, depth: int) -> None:
         self.worker_queue.labels(worker).set(depth)
+
+    def set_held(self, camera: str, frames: int) -> None:
+        self.held.labels(camera).set(frames)
 
     def serve(self, host: str = "127.0.0.1", port: int = 0) -> tuple[WSGIServer, int]:
         """Serve /metrics in a daemon thread; port 0 picks a free one (returned)."""

@@ -96,6 +96,7 @@ class Sink:
         self.heartbeat = heartbeat or (lambda: None)
         self.counts = SinkCounts()
         self._events_dropped = 0  # exported so far
+        self._unsent: dict[tuple[str, str], int] = {}  # per role, what it reported
         self._pending: dict[str, FrameHeader] = {}
         self._deadlines: list[tuple[float, str]] = []
         # Frame ids already judged → (verdict, reason), to ignore late or repeated messages
@@ -209,9 +210,7 @@ class Sink:
                 self._worker_verdict(Verdict.decode(parts[2].bytes),
                                      *(p.buffer for p in parts[3:]))
             elif kind == STATUS and n == 2:
-                st = Status.decode(parts[2].bytes)
-                if st.role == "worker":
-                    self.metrics.set_worker_queue(st.name, st.queue)
+                self._status(Status.decode(parts[2].bytes))
             else:
                 raise ProtocolError(f"unknown message {kind[:16]!r} with {n} parts")
         except ProtocolError as e:
@@ -219,6 +218,17 @@ class Sink:
         except Exception as e:  # a message must never stop the sink: it is dropped, loudly
             log.exception("message failed; dropped", kind=kind[:16])
             self._refuse("failed message", error=f"{type(e).__name__}: {e}")
+
+    def _status(self, st: Status) -> None:
+        if st.role == "worker":
+            self.metrics.set_worker_queue(st.name, st.queue)
+        else:
+            self.metrics.set_held(st.name, st.queue)
+        key = (st.role, st.name)
+        sent_before = self._unsent.get(key, 0)
+        if st.unsent > sent_before:
+            self.metrics.dropped(f"{st.role} message not sent", st.unsent - sent_before)
+        self._unsent[key] = st.unsent
 
     def _refuse(self, reason: str, **fields: object) -> None:
         self.counts.refused += 1

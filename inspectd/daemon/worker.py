@@ -256,6 +256,7 @@ class Worker:
         self._ok_seen = 0
         self._status_due = 0.0
         self._turn = 0
+        self.unsent = 0  # verdicts and status the sink did not take
 
     def preload(self) -> None:
         """Load (and warm up) models before the line reports ready, so the first frames are not
@@ -298,8 +299,8 @@ class Worker:
         n = self.s.worker.max_batch
         service = {sku: est * 1000 for sku, st in self.service.items()
                    if (est := st.estimate(n)) is not None}
-        self._send_parts([STATUS, Status("worker", self.name, len(self.queue),
-                                         service).encode()])
+        self._send_parts([STATUS, Status("worker", self.name, len(self.queue), service,
+                                         self.unsent).encode()])
 
     # -- batching -------------------------------------------------------------------------
     def _receive(self) -> None:
@@ -478,4 +479,5 @@ class Worker:
             self.out.send_multipart(parts, zmq.NOBLOCK)  # copies: nothing is reused after
             return True
         except zmq.Again:
+            self.unsent += 1
             return False
