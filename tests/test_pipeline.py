@@ -374,3 +374,51 @@ def test_frames_unlike_the_training_images_are_errors_not_scores(settings, synth
         assert "outside the model's domain" in by[name]["reason"], by[name]["reason"]
         assert by[name]["score"] is None
     assert by["good"]["verdict"] in ("OK", "NG")
+
+
+def test_a_broken_artifact_fails_its_own_sku_only_and_is_retried_with_backoff(
+        settings, synth_root, object_artifact, tmp_path, monkeypatch):
+    """A version whose weights are corrupt: its SKU's frames are ERROR at once (no load per
+    batch), the other SKU is judged as usual."""
+    from inspectd.daemon import worker as worker_mod
+
+    broken = tmp_path / "broken"
+    shutil.copytree(object_artifact, broken)
+    (broken / "weights.safetensors").write_bytes(b"\0" * 64)
+    publish(broken, settings.models_dir, "bad", "v1")
+    loads = []
+    real_load = worker_mod.ModelCache._load
+    monkeypatch.setattr(worker_mod.ModelCache, "_load",
+                        lambda self, *a: loads.append(a[0]) or real_load(self, *a))
+    img = _image(sorted((synth_root / "object" / "test" / "good").glob("*.png"))[0])
+    line = Line(settings)
+    try:
+        ids = {}
+        for _ in range(6):
+            ids[line.send(line.header(img, sku="bad"), img)] = "bad"
+            ids[line.send(line.header(img), img)] = "obj"
+            time.sleep(0.1)
+        rows = wait_rows(settings.database_url(), len(ids))
+    finally:
+        line.close()
+    for r in rows:
+        if ids[r["frame_id"]] == "bad":
+            assert r["verdict"] == "ERROR" and "cannot be loaded" in r["reason"], r["reason"]
+            assert "unknown SKU" not in r["reason"]  # not kept for a first refit
+        else:
+            assert r["verdict"] in ("OK", "NG")
+    assert 1 <= loads.count("bad") <= 2  # preload and at most one retry in ~1 s, not 6
+
+
+def test_service_time_is_fitted_per_sku_and_batch_size():
+    from inspectd.daemon.worker import ServiceTime
+
+    st = ServiceTime()
+    assert st.estimate(4) is None
+    for n in (1, 2, 4, 8, 8, 4):
+        st.add(n, 0.05 + 0.01 * n)  # a fixed 50 ms and 10 ms a frame
+    assert st.estimate(1) == pytest.approx(0.06) and st.estimate(8) == pytest.approx(0.13)
+    same = ServiceTime()
+    for _ in range(5):
+        same.add(8, 0.4)
+    assert same.estimate(4) == pytest.approx(0.2)  # one batch size seen: proportional
