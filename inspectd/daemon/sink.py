@@ -55,6 +55,7 @@ from inspectd.storage.images import ImageStore
 from inspectd.storage.journal import Journal
 
 log = structlog.get_logger("inspectd.sink")
+REASON_KEPT = 120  # characters of a judged frame's reason kept for answering a repeat
 
 
 @dataclass
@@ -320,7 +321,8 @@ class Sink:
             self.metrics.set_model(v.sku, v.model_version)
 
     def _remember(self, v: Verdict) -> None:
-        self._judged[v.frame_id] = (v.verdict, v.reason)
+        # The reason, shortened: 400k remembered frames must stay a few tens of MB.
+        self._judged[v.frame_id] = (v.verdict, v.reason[:REASON_KEPT] if v.reason else None)
         if len(self._judged) > self._judged_max:
             self._judged.popitem(last=False)
 
