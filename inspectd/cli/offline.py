@@ -27,7 +27,8 @@ def fit(
     data: Annotated[Path, typer.Option(help="MVTec-layout root")],
     category: Annotated[str, typer.Option(help="category, or all / objects / textures")],
     out_dir: Annotated[Path | None, typer.Option("--out", help="artifact directory")] = None,
-    model: Annotated[str | None, typer.Option(help="patchcore, padim or orthoad")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="patchcore, padim, orthoad, or auto (chosen on the OK images)")] = None,
     ng: Annotated[Path | None, typer.Option(help="NG images for an F1-optimal threshold")] = None,
     config: ConfigOpt = None,
     override: OverrideOpt = None,
@@ -59,6 +60,8 @@ def fit(
         size_mb = sum(f.stat().st_size for f in target.iterdir()) / 2**20
         t = det.manifest["training"]
         bank = det.model.params.get("bank_size")
+        if "auto" in det.manifest:
+            out.print(auto_table(det.manifest["auto"]))
         out.print(
             f"[bold]{cat}[/]: {settings.kind} fitted on {t['fit_images']} images "
             f"(+{t['heldout_images']} held out) in {t['total_seconds']:.1f} s"
@@ -67,6 +70,18 @@ def fit(
             + ("ok" if det.manifest["precision"]["bf16_ok"] else "off")
             + f" → {target} ({size_mb:.1f} MiB)"
         )
+
+
+def auto_table(report: dict[str, Any]) -> Table:
+    """Every candidate of `--model auto`, the chosen one marked."""
+    table = Table("", "candidate", "kind", "image AUROC", "pixel AUROC", "choice", "fit s",
+                  "note", title=f"model choice ({report['rule']}; {report['seconds']:.0f} s)")
+    for c in report["candidates"]:
+        note = c["skipped"] or (f"fit shared with {c['shared_fit']}" if c["shared_fit"] else "")
+        table.add_row("*" if c["name"] == report["chosen"] else "", c["name"], c["kind"],
+                      fmt(c["image_auroc"]), fmt(c["pixel_auroc"]), fmt(c["choice"]),
+                      fmt(c["fit_seconds"]), note)
+    return table
 
 
 def _fit_into_registry(det: Any, line: Path, sku: str) -> Path:

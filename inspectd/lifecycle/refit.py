@@ -104,7 +104,9 @@ def split_pool(pool: Sequence[queries.AuditedFrame], holdout: float, min_holdout
 def model_settings_for(s: LineSettings, current: Path | None) -> tuple[ModelSettings, str]:
     """The current version's own settings, else `refit.model` (a model YAML), else defaults."""
     if current is not None:
-        stored = read_manifest(current).get("settings")
+        manifest = read_manifest(current)
+        # A version whose kind was chosen (kind: auto) is refitted by choosing again.
+        stored = (manifest.get("auto") or {}).get("requested") or manifest.get("settings")
         if stored:
             try:
                 return ModelSettings(**stored), f"current version {current.name}"

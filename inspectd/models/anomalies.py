@@ -188,3 +188,11 @@ def make_set(images: Sequence[np.ndarray], seed: int = 0,
             anomalous, mask = make(img, kind, rng, foreign)
             out.append((anomalous, mask, kind))
     return out
+
+
+def make_one_each(images: Sequence[np.ndarray], seed: int = 0,
+                  kinds: Sequence[str] = KINDS) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """One anomaly per image, the kinds in turn, seeded: [(image, mask, kind), ...]."""
+    rng = np.random.default_rng(seed)
+    return [(*make(img, kinds[i % len(kinds)], rng, images[(i + 1) % len(images)]),
+             kinds[i % len(kinds)]) for i, img in enumerate(images)]

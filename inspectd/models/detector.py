@@ -164,11 +164,22 @@ class Detector:
             feats = self.extractor(self.runtime.input(x))
         return {k: v.float().cpu().contiguous() for k, v in feats.items()}
 
+    def image_features(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        """Backbone features of images (paths or RGB arrays): what a kind's fit consumes.
+        A subclass may serve them from a cache (model choice reuses one pass for all
+        candidates), so fit code never calls the backbone itself."""
+        return self.features(self.canvases(items))
+
     def score_canvases(self, canvases: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """→ image scores [B] and smoothed anomaly maps [B, H, W] on the canvas."""
+        return self.score_features(self.features(canvases), len(canvases))
+
+    def score_features(self, feats: dict[str, torch.Tensor],
+                       n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [n] and smoothed maps [n, H, W] on the canvas from n images' features."""
         corners = self.geometry.tiles()
         with torch.inference_mode():
-            emb = self.model.embed(self.features(canvases))
+            emb = self.model.embed(feats)
             ps = self.model.patch_scores(emb)  # [B*T, h, w]
             up = F.interpolate(
                 ps[:, None], size=self.geometry.input_size, mode="bilinear", align_corners=False
@@ -180,7 +191,7 @@ class Detector:
             if self.model.smoothed_image_score:
                 scores = maps.flatten(1).amax(1)
             else:
-                b = len(canvases)
+                b = n
                 flat_emb = emb.permute(0, 2, 3, 1).reshape(b, -1, emb.shape[1])
                 scores = self.model.image_scores(ps.reshape(b, -1), flat_emb)
         return scores.float(), maps.float()

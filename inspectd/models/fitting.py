@@ -71,6 +71,15 @@ def fit(
     progress = progress or _no_progress
     train = expand_image_paths([Path(train)]) if isinstance(train, str | Path) else list(train)
     ng = expand_image_paths([Path(ng)]) if isinstance(ng, str | Path) else list(ng)
+    if s.kind == "auto":  # choose the kind on the OK images, then fit it like any other
+        from inspectd.models.auto import choose
+
+        t0 = time.perf_counter()
+        chosen, report = choose(train, s, progress)
+        det = fit(train, chosen, ng, progress)
+        det.manifest["auto"] = report
+        det.manifest["training"]["total_seconds"] = round(time.perf_counter() - t0, 2)
+        return det
     torch.manual_seed(s.seed)
     t_start = time.perf_counter()
 

@@ -1,10 +1,12 @@
 """The model kinds, one line each: its inference class and the module that fits it.
 
 A kind is one folder (`patchcore/`, `padim/`): `model.py` scores (`from_tensors`, `embed`,
-`patch_scores`, `tensors`), `fit.py` has `fit_model(detector, images, layers, settings,
-progress)`. The fit module is named, not imported, so loading and scoring a model (the
-daemon's worker) never imports fitting code. Adding a kind: its folder, its line here, its
-name in `settings.ModelKind` and its settings section in `settings.ModelSettings`.
+`patch_scores`, `tensors`, and `scoring_params`: the params only scoring reads, so model
+choice fits once for every value of them), `fit.py` has `fit_model(detector, images,
+layers, settings, progress)`, reading images' features only through
+`detector.image_features`. The fit module is named, not imported, so loading and scoring a
+model (the daemon's worker) never imports fitting code. Adding a kind: its folder, its line
+here, its name in `settings.ModelKind` and its settings section in `settings.ModelSettings`.
 """
 
 from __future__ import annotations

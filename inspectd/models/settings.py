@@ -62,10 +62,40 @@ class RuntimeSettings(Section):
     batch_size: int = Field(8, ge=1, description="images per forward pass")
 
 
+DEFAULT_CANDIDATES: list[dict[str, Any]] = [
+    {"name": "patchcore", "kind": "patchcore"},
+    {"name": "patchcore topk", "kind": "patchcore", "patchcore": {"image_score": "topk"}},
+    {"name": "padim", "kind": "padim"},
+    {"name": "orthoad", "kind": "orthoad"},
+]
+
+
+class AutoSettings(Section):
+    """`kind: auto`: the kind (and its options) chosen per SKU from OK images alone."""
+
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=lambda: [dict(c) for c in DEFAULT_CANDIDATES],
+        description="settings tried, each merged over this file's other sections; an "
+        "optional `name` labels it")
+    validation: float = Field(
+        0.2, gt=0.0, lt=0.5, description="share of the OK images held out to judge candidates")
+    min_validation: int = Field(5, ge=2, description="at least this many held out")
+    max_validation: int = Field(40, ge=2, description="at most this many held out")
+    anomalies: list[str] = Field(
+        default_factory=lambda: ["perlin", "cutpaste", "scratch", "stain"],
+        description="synthetic anomaly kinds pasted into each held-out image")
+    pixel_weight: float = Field(
+        0.25, ge=0.0, description="choice = image AUROC + pixel_weight × pixel AUROC")
+    budget_s: float | None = Field(
+        None, gt=0, description="stop trying candidates once this long has passed (the "
+        "first is always tried); null = try them all")
+
+
 class ModelSettings(InspectdSettings):
     """Everything `inspectd fit` needs; it travels into the artifact's manifest."""
 
-    kind: ModelKind = Field("patchcore", description="anomaly model")
+    kind: Literal[ModelKind, "auto"] = Field(
+        "patchcore", description="anomaly model, or auto to choose one per SKU")
     seed: int = Field(0, description="seed for sampling, projections and the OK split")
     backbone: BackboneSettings = BackboneSettings()
     preprocess: PreprocessSettings = PreprocessSettings()
@@ -74,6 +104,7 @@ class ModelSettings(InspectdSettings):
     scoring: ScoringSettings = ScoringSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    auto: AutoSettings = AutoSettings()
 
     @field_validator("kind", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
     s2 = torch.zeros(pos, k, k, dtype=torch.float64)
     count = 0
     for i, chunk in enumerate(batched(items, det.batch_size)):
-        x = embed_positions(det.features(det.canvases(chunk)), params["layers"])
+        x = embed_positions(det.image_features(chunk), params["layers"])
         e = torch.einsum("bdhw,dk->bkhw", x, wmat).flatten(2).permute(2, 0, 1).double()  # P,B,k
         s1 += e.sum(1)
         s2 += torch.einsum("pbk,pbl->pkl", e, e)

@@ -27,6 +27,7 @@ def embed_positions(feats: dict[str, torch.Tensor], layers: Sequence[str]) -> to
 
 class Padim:
     smoothed_image_score = True  # PaDiM takes the max of the smoothed anomaly map
+    scoring_params: tuple[str, ...] = ()
 
     def __init__(
         self, w: torch.Tensor, mean: torch.Tensor, inv_cov: torch.Tensor, params: dict[str, Any]

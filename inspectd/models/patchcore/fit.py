@@ -38,7 +38,7 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
         buf = np.lib.format.open_memmap(Path(tmp) / "patches.npy", "w+", np.float32, (n, dim))
         row = 0
         for i, chunk in enumerate(batched(items, det.batch_size)):
-            emb = embed_patches(det.features(det.canvases(chunk)), params["layers"],
+            emb = embed_patches(det.image_features(chunk), params["layers"],
                                 p.neighbourhood, p.target_dim)
             rows = emb.permute(0, 2, 3, 1).reshape(-1, dim).numpy()
             buf[row : row + len(rows)] = rows

@@ -41,6 +41,7 @@ def embed_patches(
 class PatchCore:
     kind = "patchcore"
     smoothed_image_score = False  # image score from patch scores, before smoothing
+    scoring_params = ("image_score", "topk")  # used only to score: a fit serves each value
 
     def __init__(self, bank: torch.Tensor, params: dict[str, Any], backend: str = "auto"):
         self.params = params

@@ -1,0 +1,241 @@
+"""`kind: auto`: the model chosen per SKU from OK images alone.
+
+A line has OK images of a new product and no defect images, and no kind wins everywhere.
+So part of the OK images is held out; each held-out image gets one synthetic anomaly with
+an exact mask (`anomalies`: Perlin texture, CutPaste, scratch, stain, in turn); every
+candidate (`auto.candidates`: kinds and options) is fitted on the rest and scores the
+held-out images untouched and anomalous. The candidate that separates them best wins:
+image AUROC + `auto.pixel_weight` × pixel AUROC (how well its map finds the anomaly). The
+winner is then fitted on every OK image as `inspectd fit` would, and the manifest records
+the choice with every candidate's figures and time.
+
+Cost: the backbone runs once over the OK and anomalous images for all candidates that share
+it (features are kept, as float16), candidates that differ only in how they score share one
+fit, and the final fit runs the winner's backbone once more. Imported only when fitting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+import torch
+
+from inspectd.core.errors import ConfigError, DataError
+from inspectd.models import anomalies, metrics
+from inspectd.models.detector import Detector, ImageInput, batched, load_images
+from inspectd.models.features import (
+    Runtime,
+    backbone_spec,
+    build_extractor,
+    default_layers,
+    resolve_weights,
+)
+from inspectd.models.kinds import KINDS, fitter
+from inspectd.models.preprocess import Geometry
+from inspectd.models.settings import ModelSettings
+
+log = structlog.get_logger("inspectd.auto")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Candidate:
+    name: str
+    settings: ModelSettings
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    choice: float | None = None  # image AUROC + pixel_weight × pixel AUROC
+    fit_seconds: float | None = None
+    shared_fit: str | None = None  # the candidate whose fit it reused
+    skipped: str | None = None  # why it was not tried (budget, error)
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("settings")
+        d["kind"] = self.settings.kind
+        return d
+
+
+class _CachedDetector(Detector):
+    """A detector whose fit reads backbone features from the shared cache: its items are
+    indices into it."""
+
+    def __init__(self, cache: list[dict[str, torch.Tensor]], *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.cache = cache
+
+    def image_features(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return _stack([self.cache[i] for i in items])
+
+
+def _stack(feats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([f[k] for f in feats]).float() for k in feats[0]}
+
+
+def candidates(base: ModelSettings) -> list[Candidate]:
+    """The configured candidates as full settings: each merged over `base`'s sections."""
+    out = []
+    common = base.model_dump(exclude={"kind", "auto"})
+    for i, raw in enumerate(base.auto.candidates):
+        spec = dict(raw)
+        name = str(spec.pop("name", spec.get("kind", f"candidate {i}")))
+        merged = _merge(common, spec)
+        try:
+            s = ModelSettings(**merged)
+        except Exception as e:
+            raise ConfigError(f"auto.candidates[{i}] ({name}): {e}") from None
+        if s.kind == "auto":
+            raise ConfigError(f"auto.candidates[{i}] ({name}): a candidate needs a model kind")
+        out.append(Candidate(name, s))
+    if not out:
+        raise ConfigError("auto.candidates: no candidates")
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _layers(s: ModelSettings) -> list[str]:
+    return list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
+
+
+def _section(s: ModelSettings) -> str:
+    """The settings section of the candidate's kind (OrthoAD shares PaDiM's)."""
+    return "patchcore" if s.kind == "patchcore" else "padim"
+
+
+def _fit_key(s: ModelSettings) -> str:
+    """Settings that shape the fitted model (not how it turns patch scores into a score)."""
+    d = s.model_dump(mode="json", exclude={"scoring", "calibration", "runtime", "auto"})
+    for p in KINDS[s.kind].model.scoring_params:
+        d[_section(s)].pop(p, None)
+    return repr(d)
+
+
+def _group_key(s: ModelSettings) -> str:
+    """Candidates with the same backbone and geometry share one feature cache."""
+    return repr((s.backbone.name, str(s.backbone.weights), s.preprocess.model_dump(mode="json"),
+                 s.runtime.device, s.runtime.channels_last))
+
+
+def choose(train: Sequence[ImageInput], base: ModelSettings,
+           progress: Progress | None = None) -> tuple[ModelSettings, dict[str, Any]]:
+    """The winning candidate's settings and a report of every candidate (for the manifest)."""
+    step = progress or (lambda *_: None)
+    a = base.auto
+    t0 = time.perf_counter()
+    cands = candidates(base)
+    n = len(train)
+    n_val = int(np.clip(round(a.validation * n), a.min_validation, a.max_validation))
+    if n - n_val < 2:
+        raise DataError(f"auto needs more than {n_val + 1} OK images to fit and judge "
+                        f"candidates, got {n} (choose a kind with --model)")
+    perm = np.random.default_rng(base.seed).permutation(n)
+    fit_items = [train[i] for i in sorted(perm[n_val:])]
+    val_images = load_images([train[i] for i in sorted(perm[:n_val])])
+    anomalous = anomalies.make_one_each(val_images, base.seed, a.anomalies)
+
+    groups: dict[str, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault(_group_key(c.settings), []).append(c)
+    fitted: dict[str, tuple[str, Any]] = {}  # fit key → (candidate name, model)
+    for members in groups.values():
+        s0 = members[0].settings
+        layers = sorted({layer for c in members for layer in _layers(c.settings)})
+        weights = resolve_weights(s0.backbone.name, s0.backbone.weights)
+        spec = backbone_spec(s0.backbone.name)
+        geometry = Geometry.from_settings(s0.preprocess)
+        runtime = Runtime.select(s0.runtime.device, False, s0.runtime.channels_last)
+        extractor = build_extractor(s0.backbone.name, layers, weights)
+        cache: list[dict[str, torch.Tensor]] = []
+        proto = _CachedDetector(cache, None, extractor, runtime, geometry, spec.mean, spec.std,
+                                s0.scoring.sigma, batch_size=s0.runtime.batch_size)
+        todo = [*fit_items, *val_images, *(img for img, _, _ in anomalous)]
+        for i, chunk in enumerate(batched(todo, proto.batch_size)):
+            feats = proto.features(proto.canvases(chunk))
+            tiles = len(geometry.tiles())
+            for j in range(len(chunk)):
+                cache.append({k: v[j * tiles:(j + 1) * tiles].half() for k, v in feats.items()})
+            step("auto features", min((i + 1) * proto.batch_size, len(todo)), len(todo))
+        n_fit = len(fit_items)
+        ok_idx = list(range(n_fit, n_fit + len(val_images)))
+        bad_idx = list(range(n_fit + len(val_images), len(cache)))
+        masks = np.stack([geometry.mask_to_canvas(m) for _, m, _ in anomalous])
+        for c in members:
+            spent = time.perf_counter() - t0
+            if a.budget_s is not None and spent > a.budget_s and any(
+                    x.choice is not None for x in cands):
+                c.skipped = f"budget: {spent:.0f} s of {a.budget_s:.0f} s spent"
+                continue
+            _try(c, proto, cache, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a,
+                 step)
+    tried = [c for c in cands if c.choice is not None]
+    if not tried:
+        raise DataError("auto: no candidate could be fitted: "
+                        + "; ".join(f"{c.name}: {c.skipped}" for c in cands))
+    best = max(tried, key=lambda c: c.choice)
+    report = {
+        "chosen": best.name,
+        "rule": f"image AUROC + {a.pixel_weight} × pixel AUROC on {len(val_images)} held-out "
+                f"OK images and as many with synthetic anomalies ({', '.join(a.anomalies)})",
+        "validation_images": len(val_images), "fit_images": len(fit_items),
+        "candidates": [c.row() for c in cands],
+        "seconds": round(time.perf_counter() - t0, 2),
+        "requested": base.model_dump(mode="json"),
+    }
+    log.info("auto chose", chosen=best.name, choice=round(best.choice, 4),
+             seconds=report["seconds"])
+    return best.settings, report
+
+
+def _try(c: Candidate, proto: _CachedDetector, cache: list[dict[str, torch.Tensor]],
+         fit_idx: list[int], ok_idx: list[int], bad_idx: list[int], masks: np.ndarray,
+         fitted: dict[str, tuple[str, Any]], a: Any, step: Progress) -> None:
+    s = c.settings
+    t = time.perf_counter()
+    det = _CachedDetector(cache, None, proto.extractor, proto.runtime, proto.geometry,
+                          proto.mean, proto.std, s.scoring.sigma, batch_size=proto.batch_size)
+    key = _fit_key(s)
+    try:
+        torch.manual_seed(s.seed)
+        if key in fitted:
+            source, model = fitted[key]
+            section = getattr(s, _section(s))
+            params = {**model.params, **{p: getattr(section, p) for p in model.scoring_params}}
+            det.model = type(model).from_tensors(model.tensors(), params)
+            c.shared_fit = source
+        else:
+            det.model = fitter(s.kind)(det, fit_idx, _layers(s), s,
+                                       lambda stage, d, n: step(f"{c.name} {stage}", d, n))
+            fitted[key] = (c.name, det.model)
+        ok = _scores(det, ok_idx)[0]
+        bad, maps = _scores(det, bad_idx)
+    except Exception as e:  # one candidate failing must not end the choice
+        log.warning("auto candidate failed", candidate=c.name, error=str(e))
+        c.skipped = f"{type(e).__name__}: {e}"
+        return
+    labels = np.r_[np.zeros(len(ok)), np.ones(len(bad))]
+    c.image_auroc = metrics.auroc(labels, np.r_[ok, bad])
+    c.pixel_auroc = metrics.pixel_auroc(masks, maps) if masks.any() else None
+    c.choice = c.image_auroc + a.pixel_weight * (c.pixel_auroc or 0.0)
+    c.fit_seconds = round(time.perf_counter() - t, 2)
+    log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),
+             pixel_auroc=c.pixel_auroc and round(c.pixel_auroc, 4), seconds=c.fit_seconds)
+
+
+def _scores(det: Detector, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    scores, maps = [], []
+    for chunk in batched(idx, det.batch_size):
+        s, m = det.score_features(det.image_features(chunk), len(chunk))
+        scores.append(s.numpy())
+        maps.append(m.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
