@@ -35,6 +35,7 @@ from inspectd.models.features import (
     default_layers,
     resolve_weights,
 )
+from inspectd.models.fitting import CachedDetector
 from inspectd.models.kinds import KINDS, fitter
 from inspectd.models.preprocess import Geometry
 from inspectd.models.settings import ModelSettings
@@ -59,22 +60,6 @@ class Candidate:
         d.pop("settings")
         d["kind"] = self.settings.kind
         return d
-
-
-class _CachedDetector(Detector):
-    """A detector whose fit reads backbone features from the shared cache: its items are
-    indices into it."""
-
-    def __init__(self, cache: list[dict[str, torch.Tensor]], *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.cache = cache
-
-    def image_features(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
-        return _stack([self.cache[i] for i in items])
-
-
-def _stack(feats: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.cat([f[k] for f in feats]).float() for k in feats[0]}
 
 
 def candidates(base: ModelSettings) -> list[Candidate]:
@@ -156,19 +141,17 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
         geometry = Geometry.from_settings(s0.preprocess)
         runtime = Runtime.select(s0.runtime.device, False, s0.runtime.channels_last)
         extractor = build_extractor(s0.backbone.name, layers, weights)
-        cache: list[dict[str, torch.Tensor]] = []
-        proto = _CachedDetector(cache, None, extractor, runtime, geometry, spec.mean, spec.std,
-                                s0.scoring.sigma, batch_size=s0.runtime.batch_size)
-        todo = [*fit_items, *val_images, *(img for img, _, _ in anomalous)]
-        for i, chunk in enumerate(batched(todo, proto.batch_size)):
-            feats = proto.features(proto.canvases(chunk))
-            tiles = len(geometry.tiles())
-            for j in range(len(chunk)):
-                cache.append({k: v[j * tiles:(j + 1) * tiles].half() for k, v in feats.items()})
-            step("auto features", min((i + 1) * proto.batch_size, len(todo)), len(todo))
+        images = [*fit_items, *val_images, *(img for img, _, _ in anomalous)]
+        # float16: the features of every image, for every candidate, held at once.
+        proto = CachedDetector(images, None, extractor, runtime, geometry, spec.mean,
+                               spec.std, s0.scoring.sigma, batch_size=s0.runtime.batch_size,
+                               dtype=torch.float16)
+        for i, chunk in enumerate(batched(range(len(images)), proto.batch_size)):
+            proto.image_features(chunk)
+            step("auto features", min((i + 1) * proto.batch_size, len(images)), len(images))
         n_fit = len(fit_items)
         ok_idx = list(range(n_fit, n_fit + len(val_images)))
-        bad_idx = list(range(n_fit + len(val_images), len(cache)))
+        bad_idx = list(range(n_fit + len(val_images), len(images)))
         masks = np.stack([geometry.mask_to_canvas(m) for _, m, _ in anomalous])
         for c in members:
             spent = time.perf_counter() - t0
@@ -176,8 +159,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
                     x.choice is not None for x in cands):
                 c.skipped = f"budget: {spent:.0f} s of {a.budget_s:.0f} s spent"
                 continue
-            _try(c, proto, cache, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a,
-                 step)
+            _try(c, proto, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a, step)
     tried = [c for c in cands if c.choice is not None]
     if not tried:
         raise DataError("auto: no candidate could be fitted: "
@@ -197,13 +179,13 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
     return best.settings, report
 
 
-def _try(c: Candidate, proto: _CachedDetector, cache: list[dict[str, torch.Tensor]],
-         fit_idx: list[int], ok_idx: list[int], bad_idx: list[int], masks: np.ndarray,
-         fitted: dict[str, tuple[str, Any]], a: Any, step: Progress) -> None:
+def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[int],
+         bad_idx: list[int], masks: np.ndarray, fitted: dict[str, tuple[str, Any]], a: Any,
+         step: Progress) -> None:
     s = c.settings
     t = time.perf_counter()
-    det = _CachedDetector(cache, None, proto.extractor, proto.runtime, proto.geometry,
-                          proto.mean, proto.std, s.scoring.sigma, batch_size=proto.batch_size)
+    det = proto.with_model(None)
+    det.sigma = s.scoring.sigma
     key = _fit_key(s)
     try:
         torch.manual_seed(s.seed)

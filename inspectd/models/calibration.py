@@ -37,11 +37,22 @@ def split_ok(n: int, settings: ModelSettings) -> tuple[np.ndarray, np.ndarray]:
 def calibrate(
     det: Detector, holdout: Sequence[ImageInput], ng: Sequence[ImageInput], s: ModelSettings
 ) -> dict[str, Any]:
-    cal = s.calibration
+    """Thresholds from OK images the model did not see (`holdout`), and the bf16 check."""
     ok_scores, ok_maps, _ = det.score_images(load_images(holdout))
+    return thresholds(det, ok_scores, ok_maps, ng, s, holdout,
+                      f"{len(ok_scores)} held-out OK scores")
+
+
+def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
+               ng: Sequence[ImageInput], s: ModelSettings,
+               bf16_items: Sequence[ImageInput], what: str) -> dict[str, Any]:
+    """Image threshold from OK scores the model did not fit on (held out, or cross-fitted),
+    F1-optimal when NG images are given; pixel threshold from those images' map pixels; and
+    whether bf16 keeps the scores of `bf16_items` within calibration.bf16_tolerance."""
+    cal = s.calibration
     q = float(np.quantile(ok_scores, cal.quantile))
     det.threshold = q * (1.0 + cal.margin)
-    method = f"quantile {cal.quantile} of {len(ok_scores)} held-out OK scores × (1 + {cal.margin})"
+    method = f"quantile {cal.quantile} of {what} × (1 + {cal.margin})"
     ng_scores = None
     if len(ng):
         ng_scores, _, _ = det.score_images(load_images(ng))
@@ -53,21 +64,8 @@ def calibrate(
         # slightly different camera frame must not flip that NG to OK).
         below = both[both < t]
         det.threshold = float((t + below.max()) / 2 if below.size else t)
-        method = f"F1-optimal on {len(ok_scores)} held-out OK and {len(ng_scores)} NG (F1 {f1:.3f})"
-    det.pixel_threshold = float(np.quantile(ok_maps, cal.pixel_quantile)) * (1.0 + cal.margin)
-
-    # bf16 autocast is a large CPU speed-up (AMX); allow it only where scores barely move.
-    precision = {"bf16_ok": False, "bf16_max_rel_dev": None}
-    fp32_runtime = det.runtime
-    det.runtime = Runtime(fp32_runtime.device, True, fp32_runtime.channels_last)
-    try:
-        bf_scores, _, _ = det.score_images(load_images(holdout))
-        dev = float(np.max(np.abs(bf_scores - ok_scores)) / max(det.threshold, 1e-12))
-        precision = {"bf16_ok": dev <= cal.bf16_tolerance, "bf16_max_rel_dev": dev}
-    except RuntimeError as e:  # no bf16 kernels on this device
-        log.warning("bf16 check failed", error=str(e))
-    finally:
-        det.runtime = fp32_runtime
+        method = f"F1-optimal on {what} and {len(ng_scores)} NG (F1 {f1:.3f})"
+    det.pixel_threshold = float(np.quantile(ok_pixels, cal.pixel_quantile)) * (1.0 + cal.margin)
     return {
         "threshold": {"image": det.threshold, "pixel": det.pixel_threshold, "method": method,
                       "quantile": cal.quantile, "margin": cal.margin,
@@ -76,5 +74,24 @@ def calibrate(
             "heldout_ok_scores": [float(v) for v in ok_scores],
             "ng_scores": None if ng_scores is None else [float(v) for v in ng_scores],
         },
-        "precision": precision,
+        "precision": bf16_check(det, bf16_items, s),
     }
+
+
+def bf16_check(det: Detector, items: Sequence[ImageInput], s: ModelSettings) -> dict[str, Any]:
+    """bf16 autocast is a large CPU speed-up (AMX); allow it only where scores barely move:
+    max |score_bf16 − score_fp32| / threshold on `items` ≤ calibration.bf16_tolerance."""
+    precision: dict[str, Any] = {"bf16_ok": False, "bf16_max_rel_dev": None}
+    images = load_images(items)
+    fp32_runtime = det.runtime
+    fp32_scores, _, _ = det.score_images(images)
+    det.runtime = Runtime(fp32_runtime.device, True, fp32_runtime.channels_last)
+    try:
+        bf_scores, _, _ = det.score_images(images)
+        dev = float(np.max(np.abs(bf_scores - fp32_scores)) / max(det.threshold, 1e-12))
+        precision = {"bf16_ok": dev <= s.calibration.bf16_tolerance, "bf16_max_rel_dev": dev}
+    except RuntimeError as e:  # no bf16 kernels on this device
+        log.warning("bf16 check failed", error=str(e))
+    finally:
+        det.runtime = fp32_runtime
+    return precision

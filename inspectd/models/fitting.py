@@ -7,20 +7,23 @@ how. Imported only when fitting: the daemon never loads this module.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import structlog
 import torch
 
+from inspectd.core.errors import DataError
 from inspectd.core.imaging import read_raw
-from inspectd.models.calibration import calibrate, split_ok
+from inspectd.models.calibration import calibrate, split_ok, thresholds
 from inspectd.models.datasets.mvtec import expand_image_paths
-from inspectd.models.detector import Detector, ImageInput
+from inspectd.models.detector import Detector, ImageInput, batched
 from inspectd.models.domain import Domain
 from inspectd.models.features import (
     Runtime,
@@ -30,13 +33,14 @@ from inspectd.models.features import (
     file_sha256,
     resolve_weights,
 )
-from inspectd.models.kinds import fitter
+from inspectd.models.kinds import fitter, folder
 from inspectd.models.preprocess import Geometry
 from inspectd.models.settings import ModelSettings
 
 log = structlog.get_logger("inspectd.fit")
 
 Progress = Callable[[str, int, int], None]
+BF16_SAMPLE = 20  # cross-fitting: training images the bf16 check scores
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -58,6 +62,72 @@ def domain_of(items: Sequence[ImageInput]) -> Domain:
     """The training images' sizes, bit depths and brightness, as stored."""
     return Domain.of(read_raw(Path(i)) if isinstance(i, str | Path) else np.asarray(i)
                      for i in items)
+
+
+class CachedDetector(Detector):
+    """A detector whose fit reads each image's backbone features once: `image_features`
+    takes indices into `items` and keeps what it computed (as `dtype`), so cross-fitting's
+    fold models, or model choice's candidates, cost no second backbone pass."""
+
+    def __init__(self, items: Sequence[ImageInput], *args: Any,
+                 dtype: torch.dtype = torch.float32, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.items, self.dtype = items, dtype
+        self.cache: dict[int, dict[str, torch.Tensor]] = {}
+
+    def image_features(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        missing = [i for i in items if i not in self.cache]
+        tiles = len(self.geometry.tiles())
+        for chunk in batched(missing, self.batch_size):
+            feats = self.features(self.canvases([self.items[i] for i in chunk]))
+            for j, i in enumerate(chunk):
+                self.cache[i] = {k: v[j * tiles:(j + 1) * tiles].to(self.dtype)
+                                 for k, v in feats.items()}
+        return {k: torch.cat([self.cache[i][k] for i in items]).float()
+                for k in self.cache[items[0]]}
+
+    def with_model(self, model: Any) -> CachedDetector:
+        """The same backbone, geometry and cache, another model."""
+        other = copy.copy(self)
+        other.model = model
+        return other
+
+
+def _detector(s: ModelSettings, layers: list[str], weights: Path, items: Sequence[ImageInput],
+              cached: bool) -> Detector:
+    spec = backbone_spec(s.backbone.name)
+    runtime = Runtime.select(s.runtime.device, False, s.runtime.channels_last)
+    args = (None, build_extractor(s.backbone.name, layers, weights), runtime,
+            Geometry.from_settings(s.preprocess), spec.mean, spec.std, s.scoring.sigma)
+    if cached:
+        return CachedDetector(items, *args, batch_size=s.runtime.batch_size)
+    return Detector(*args, batch_size=s.runtime.batch_size)
+
+
+def _crossfit(det: CachedDetector, n: int, layers: list[str], s: ModelSettings,
+              progress: Progress) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold image scores of all n images, and a sample of their map pixels: each fold
+    scored by a model fitted on the other folds (features from the cache)."""
+    k = min(s.calibration.folds, n)
+    fold = np.random.default_rng(s.seed).permutation(n) % k
+    scores = np.empty(n, np.float32)
+    pixels = []
+    cheap = folder(s.kind)
+    if cheap is not None:
+        models = cheap(det, det.model, list(range(n)), fold, layers, s)
+    else:
+        models = ((f, fitter(s.kind)(det, [i for i in range(n) if fold[i] != f], layers, s,
+                                     _no_progress)) for f in range(k))
+    for f, model in models:
+        progress("cross-fitting", f, k)
+        out = [i for i in range(n) if fold[i] == f]
+        fold_det = det.with_model(model)
+        for chunk in batched(out, det.batch_size):
+            sc, maps = fold_det.score_features(det.image_features(chunk), len(chunk))
+            scores[chunk] = sc.numpy()
+            pixels.append(maps[:, ::2, ::2].reshape(-1).numpy())  # a quarter: enough for q
+    progress("cross-fitting", k, k)
+    return scores, np.concatenate(pixels)
 
 
 def fit(
@@ -82,25 +152,37 @@ def fit(
         return det
     torch.manual_seed(s.seed)
     t_start = time.perf_counter()
-
-    fit_idx, hold_idx = split_ok(len(train), s)
-    fit_items = [train[i] for i in fit_idx]
-    holdout = [train[i] for i in hold_idx]
+    cal = s.calibration
+    crossfit = cal.mode == "crossfit" or (cal.mode == "auto"
+                                           and len(train) <= cal.crossfit_max_images)
+    if crossfit:
+        if len(train) < 2:
+            raise DataError(f"need at least 2 OK images to fit and cross-fit, got {len(train)}")
+        fit_items, holdout = train, []
+    else:
+        fit_idx, hold_idx = split_ok(len(train), s)
+        fit_items = [train[i] for i in fit_idx]
+        holdout = [train[i] for i in hold_idx]
 
     weights = resolve_weights(s.backbone.name, s.backbone.weights)
     layers = list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
-    spec = backbone_spec(s.backbone.name)
-    runtime = Runtime.select(s.runtime.device, False, s.runtime.channels_last)
-    geometry = Geometry.from_settings(s.preprocess)
-    det = Detector(
-        None, build_extractor(s.backbone.name, layers, weights), runtime, geometry,
-        spec.mean, spec.std, s.scoring.sigma, batch_size=s.runtime.batch_size,
-    )
-    det.model = fitter(s.kind)(det, fit_items, layers, s, progress)
+    det = _detector(s, layers, weights, fit_items, cached=crossfit)
+    geometry, spec = det.geometry, backbone_spec(s.backbone.name)
+    items: Sequence[Any] = range(len(fit_items)) if crossfit else fit_items
+    det.model = fitter(s.kind)(det, items, layers, s, progress)
     fit_seconds = time.perf_counter() - t_start
-    progress("calibration", 0, 1)
-    calibration = calibrate(det, holdout, ng, s)
-    progress("calibration", 1, 1)
+    if crossfit:
+        ok_scores, ok_pixels = _crossfit(det, len(fit_items), layers, s, progress)
+        det.cache.clear()  # the features were for fitting only
+        sample = [fit_items[i] for i in np.random.default_rng(s.seed).permutation(
+            len(fit_items))[:BF16_SAMPLE]]
+        calibration = thresholds(det, ok_scores, ok_pixels, ng, s, sample,
+                                 f"{len(ok_scores)} cross-fitted OK scores "
+                                 f"({min(cal.folds, len(fit_items))} folds)")
+    else:
+        progress("calibration", 0, 1)
+        calibration = calibrate(det, holdout, ng, s)
+        progress("calibration", 1, 1)
 
     h, w = geometry.input_size
     det.manifest = {
@@ -114,7 +196,10 @@ def fit(
         "domain": domain_of(train).as_dict(),
         **calibration,
         "training": {
-            "images": len(train), "fit_images": len(fit_items), "heldout_images": len(holdout),
+            "images": len(train), "fit_images": len(fit_items),
+            "heldout_images": len(fit_items) if crossfit else len(holdout),
+            "calibration": (f"crossfit {min(cal.folds, len(fit_items))} folds" if crossfit
+                            else "holdout"),
             "ng_images": len(ng), "fingerprint": fingerprint(train),
             "fit_seconds": round(fit_seconds, 2),
             "total_seconds": round(time.perf_counter() - t_start, 2),
@@ -123,5 +208,6 @@ def fit(
         "settings": s.model_dump(mode="json"),
     }
     log.info("fitted", kind=s.kind, images=len(train), threshold=round(det.threshold, 4),
+             calibration=det.manifest["training"]["calibration"],
              seconds=det.manifest["training"]["total_seconds"])
     return det

@@ -4,7 +4,8 @@ A kind is one folder (`patchcore/`, `padim/`): `model.py` scores (`from_tensors`
 `patch_scores`, `tensors`, and `scoring_params`: the params only scoring reads, so model
 choice fits once for every value of them), `fit.py` has `fit_model(detector, images,
 layers, settings, progress)`, reading images' features only through
-`detector.image_features`. The fit module is named, not imported, so loading and scoring a
+`detector.image_features`, and optionally `fold_models(...)`, cheaper fold models for
+cross-fitting than a fit per fold. The fit module is named, not imported, so loading and scoring a
 model (the daemon's worker) never imports fitting code. Adding a kind: its folder, its line
 here, its name in `settings.ModelKind` and its settings section in `settings.ModelSettings`.
 """
@@ -36,3 +37,9 @@ KINDS: dict[str, Kind] = {
 def fitter(kind: str) -> Callable[..., Any]:
     """The kind's `fit_model`."""
     return importlib.import_module(KINDS[kind].fit).fit_model
+
+
+def folder(kind: str) -> Callable[..., Any] | None:
+    """The kind's `fold_models` (cheap models for cross-fitting), if it has one; else
+    cross-fitting fits one model per fold."""
+    return getattr(importlib.import_module(KINDS[kind].fit), "fold_models", None)

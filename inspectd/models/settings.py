@@ -46,6 +46,14 @@ class ScoringSettings(Section):
 
 
 class CalibrationSettings(Section):
+    mode: Literal["auto", "crossfit", "holdout"] = Field(
+        "auto", description="crossfit: every OK image in the model, thresholds from "
+        "out-of-fold scores (folds models each fitted without one fold); holdout: `holdout` "
+        "of the OK images kept out of the model to set them; auto: crossfit up to "
+        "crossfit_max_images images, holdout above")
+    folds: int = Field(5, ge=2, description="cross-fitting folds")
+    crossfit_max_images: int = Field(
+        300, ge=2, description="auto mode: cross-fit up to this many OK images")
     holdout: float = Field(0.1, gt=0.0, lt=0.5, description="OK images held out to calibrate")
     min_holdout: int = Field(3, ge=1, description="at least this many held-out OK images")
     quantile: float = Field(0.99, gt=0.0, le=1.0, description="held-out OK score quantile")

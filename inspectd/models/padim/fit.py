@@ -3,9 +3,10 @@ only when fitting)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from inspectd.core.errors import DataError
@@ -42,24 +43,53 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
     params = _params(s, layers)
     h, w = det.geometry.input_size
     probe = embed_positions(det.extractor.dry_run(h, w), params["layers"])
-    _, dim, ph, pw = probe.shape
+    dim = probe.shape[1]
     k = params["channels"]
     if k > dim:
         raise DataError(f"padim.channels={k} exceeds the {dim} feature channels of these layers")
     wmat = projection(params["kind"], dim, k, s.seed)
-    pos = ph * pw
-    s1 = torch.zeros(pos, k, dtype=torch.float64)
-    s2 = torch.zeros(pos, k, k, dtype=torch.float64)
+    sums = _sums(det, items, params, wmat, progress)
+    model = _gaussians(sums, wmat, params, s)
+    model.sums = sums  # kept for cross-fitting's fold models (not saved)
+    return model
+
+
+def fold_models(det: Detector, model: Padim, items: Sequence[ImageInput], folds: np.ndarray,
+                layers: list[str], s: ModelSettings) -> Iterator[tuple[int, Padim]]:
+    """Exact fold models at a fraction of a fit each: the sums over every image, less the
+    fold's own."""
+    s1, s2, count = model.sums
+    for f in range(int(folds.max()) + 1):
+        fold = [items[i] for i in np.flatnonzero(folds == f)]
+        f1, f2, fc = _sums(det, fold, model.params, model.w, lambda *_: None)
+        yield f, _gaussians((s1 - f1, s2 - f2, count - fc), model.w, model.params, s)
+    model.sums = None
+
+
+def _sums(det: Detector, items: Sequence[ImageInput], params: dict[str, Any],
+          wmat: torch.Tensor, progress: Progress) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per position: the sum of embeddings, of their outer products, and their count."""
+    s1 = s2 = None
     count = 0
     for i, chunk in enumerate(batched(items, det.batch_size)):
         x = embed_positions(det.image_features(chunk), params["layers"])
         e = torch.einsum("bdhw,dk->bkhw", x, wmat).flatten(2).permute(2, 0, 1).double()  # P,B,k
+        if s1 is None:
+            s1 = torch.zeros(e.shape[0], e.shape[2], dtype=torch.float64)
+            s2 = torch.zeros(e.shape[0], e.shape[2], e.shape[2], dtype=torch.float64)
         s1 += e.sum(1)
         s2 += torch.einsum("pbk,pbl->pkl", e, e)
         count += e.shape[1]
         progress("features", min((i + 1) * det.batch_size, len(items)), len(items))
+    return s1, s2, count
+
+
+def _gaussians(sums: tuple[torch.Tensor, torch.Tensor, int], wmat: torch.Tensor,
+               params: dict[str, Any], s: ModelSettings) -> Padim:
+    s1, s2, count = sums
     if count < 2:
         raise DataError("PaDiM needs at least 2 OK images (or tiles) to estimate covariances")
+    k = s1.shape[1]
     mean = s1 / count
     cov = (s2 - count * torch.einsum("pk,pl->pkl", mean, mean)) / (count - 1)
     cov += s.padim.eps * torch.eye(k, dtype=torch.float64)
