@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from inspectd.models.datasets.synthetic import generate
 from tests.services import USED, mosquitto_server, postgres_server
@@ -26,6 +27,15 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Say which PostgreSQL/Mosquitto the session used: the running ones or throwaways."""
     for line in USED:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config() -> Iterator[None]:
+    """Put back the logging set-up after each test: an in-process CLI call configures a
+    filtering level that would otherwise hide a later test's info lines from capture_logs."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture(scope="session")

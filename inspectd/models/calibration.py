@@ -45,17 +45,19 @@ def calibrate(
 
 def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
                ng: Sequence[ImageInput], s: ModelSettings,
-               bf16_items: Sequence[ImageInput], what: str) -> dict[str, Any]:
+               bf16_items: Sequence[ImageInput], what: str,
+               ng_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Image threshold from OK scores the model did not fit on (held out, or cross-fitted),
-    F1-optimal when NG images are given; pixel threshold from those images' map pixels; and
+    F1-optimal when NG images are given (scored by `det`, unless `ng_scores` gives their
+    scores on the OK scores' scale); pixel threshold from those images' map pixels; and
     whether bf16 keeps the scores of `bf16_items` within calibration.bf16_tolerance."""
     cal = s.calibration
     q = float(np.quantile(ok_scores, cal.quantile))
     det.threshold = q * (1.0 + cal.margin)
     method = f"quantile {cal.quantile} of {what} × (1 + {cal.margin})"
-    ng_scores = None
-    if len(ng):
+    if len(ng) and ng_scores is None:
         ng_scores, _, _ = det.score_images(load_images(ng))
+    if ng_scores is not None:
         labels = np.r_[np.zeros(len(ok_scores)), np.ones(len(ng_scores))]
         both = np.r_[ok_scores, ng_scores]
         f1, t = f1_max(labels, both)

@@ -105,13 +105,21 @@ def _detector(s: ModelSettings, layers: list[str], weights: Path, items: Sequenc
 
 
 def _crossfit(det: CachedDetector, n: int, layers: list[str], s: ModelSettings,
-              progress: Progress) -> tuple[np.ndarray, np.ndarray]:
-    """Out-of-fold image scores of all n images, and a sample of their map pixels: each fold
-    scored by a model fitted on the other folds (features from the cache)."""
+              ng: Sequence[ImageInput], progress: Progress,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Out-of-fold image scores of all n images, a sample of their map pixels, and the NG
+    images' scores on the same scale: each fold scored by a model fitted on the other folds
+    (features from the cache); each NG image by every fold model, averaged. A fold model
+    saw fewer images than the final one and scores everything a little higher, so NG scored
+    by the final model would sit too low beside out-of-fold OK scores, and an F1-optimal
+    threshold would let a confirmed escape through."""
     k = min(s.calibration.folds, n)
     fold = np.random.default_rng(s.seed).permutation(n) % k
     scores = np.empty(n, np.float32)
     pixels = []
+    ng_feats = [Detector.image_features(det, chunk)
+                for chunk in batched(ng, det.batch_size)]
+    ng_scores = np.zeros(len(ng), np.float64)
     cheap = folder(s.kind)
     if cheap is not None:
         models = cheap(det, det.model, list(range(n)), fold, layers, s)
@@ -126,8 +134,13 @@ def _crossfit(det: CachedDetector, n: int, layers: list[str], s: ModelSettings,
             sc, maps = fold_det.score_features(det.image_features(chunk), len(chunk))
             scores[chunk] = sc.numpy()
             pixels.append(maps[:, ::2, ::2].reshape(-1).numpy())  # a quarter: enough for q
+        at = 0
+        for feats in ng_feats:
+            m = next(iter(feats.values())).shape[0] // len(det.geometry.tiles())
+            ng_scores[at:at + m] += fold_det.score_features(feats, m)[0].numpy() / k
+            at += m
     progress("cross-fitting", k, k)
-    return scores, np.concatenate(pixels)
+    return scores, np.concatenate(pixels), ng_scores if len(ng) else None
 
 
 def fit(
@@ -172,13 +185,14 @@ def fit(
     det.model = fitter(s.kind)(det, items, layers, s, progress)
     fit_seconds = time.perf_counter() - t_start
     if crossfit:
-        ok_scores, ok_pixels = _crossfit(det, len(fit_items), layers, s, progress)
+        ok_scores, ok_pixels, ng_scores = _crossfit(det, len(fit_items), layers, s, ng,
+                                                    progress)
         det.cache.clear()  # the features were for fitting only
         sample = [fit_items[i] for i in np.random.default_rng(s.seed).permutation(
             len(fit_items))[:BF16_SAMPLE]]
         calibration = thresholds(det, ok_scores, ok_pixels, ng, s, sample,
                                  f"{len(ok_scores)} cross-fitted OK scores "
-                                 f"({min(cal.folds, len(fit_items))} folds)")
+                                 f"({min(cal.folds, len(fit_items))} folds)", ng_scores)
     else:
         progress("calibration", 0, 1)
         calibration = calibrate(det, holdout, ng, s)
