@@ -150,7 +150,9 @@ class WorkerSettings(Section):
         None, ge=1, description="torch/OpenMP/faiss threads per worker (default: cores / count)"
     )
     attach_ok_every: int = Field(
-        20, ge=0, description="send every Nth OK frame's pixels to the sink for refit (0 = none)"
+        20, ge=0, description="send OK frames' pixels to the sink for refit, one in N on "
+        "average, chosen at random (a fixed every-Nth would alias with periodic fixtures); "
+        "0 = none"
     )
 
     @model_validator(mode="before")
@@ -381,15 +383,18 @@ class RefitSettings(Section):
         1000, ge=4, description="newest OK frames used at most (null = all kept)"
     )
     near_threshold: float = Field(
-        0.9, gt=0.0, le=1.0, description="leave out OK frames that scored ≥ this × threshold "
-        "(possible unnoticed defects)"
+        0.9, gt=0.0, le=1.0, description="fit only on OK frames that scored below this × "
+        "threshold (one above may be an unnoticed defect); the gate frames are drawn from "
+        "every OK frame kept"
     )
     holdout: float = Field(
-        0.2, gt=0.0, lt=0.9, description="share of the pool held out for the gates (never fitted)"
+        0.2, gt=0.0, lt=0.9, description="share of every kept OK frame held out for the gates "
+        "(never fitted)"
     )
     min_holdout: int = Field(10, ge=1, description="at least this many held-out frames")
     max_false_reject: float = Field(
-        0.01, ge=0.0, le=1.0, description="gate: candidate's rejects among held-out OK frames"
+        0.01, ge=0.0, le=1.0, description="gate: the candidate's false-reject rate on the "
+        "held-out OK frames must not be significantly above this (binomial test at 5 %)"
     )
     max_shift: float = Field(
         0.2, ge=0.0, description="gate: candidate's held-out p95 score/threshold may exceed the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import random
 import threading
 import time
 from collections import OrderedDict, deque
@@ -253,7 +254,7 @@ class Worker:
         self.queue: deque[_Frame] = deque()
         self.service: dict[str, ServiceTime] = {}
         self.name = f"{settings.line}-{os.getpid()}"
-        self._ok_seen = 0
+        self._rng = random.Random()
         self._status_due = 0.0
         self._turn = 0
         self.unsent = 0  # verdicts and status the sink did not take
@@ -449,11 +450,10 @@ class Worker:
             self._send(v, raw if attach else None, p.anomaly_map if kind != "OK" else None)
 
     def _sample_ok(self) -> bool:
+        """One OK frame in `attach_ok_every` on average, at random: every Nth could always
+        take the same nest of a periodic fixture, and refit would learn a biased sample."""
         every = self.s.worker.attach_ok_every
-        if not every:
-            return False
-        self._ok_seen += 1
-        return self._ok_seen % every == 0
+        return bool(every) and self._rng.random() < 1.0 / every
 
     @staticmethod
     def _timings(f: _Frame, t_start: float, decode_ms: float = 0.0,

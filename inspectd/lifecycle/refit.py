@@ -146,19 +146,29 @@ def refit(
             previous = None
         # A SKU without a model learns from the frames the line kept unjudged (ERROR: unknown
         # SKU); with one, only from frames it judged OK (or an operator labelled OK).
-        pool = queries.refit_candidates(url, sku, since=since,
-                                        max_images=max_images or r.max_images,
-                                        near_threshold=r.near_threshold,
-                                        unjudged=previous is None)
-        if len(pool) < r.min_images:
+        # The gate frames come from every OK frame kept, whatever the current version
+        # scored them, so the gates see what it gets wrong; the fit frames only from those
+        # clear of its threshold (a near-threshold OK may be an unnoticed defect).
+        limit = max_images or r.max_images
+        kept = queries.refit_candidates(url, sku, since=since, max_images=limit,
+                                        near_threshold=None, unjudged=previous is None)
+        if len(kept) < r.min_images:
             when = f" since {since.isoformat()}" if since else ""
             raise RefitError(
-                f"SKU {sku}: {len(pool)} usable OK frames{when} in {safe_url(url)}, refit needs "
+                f"SKU {sku}: {len(kept)} usable OK frames{when} in {safe_url(url)}, refit needs "
                 f"at least {r.min_images} (refit.min_images)")
         settings, source = model_settings_for(s, previous[1] if previous else None)
-        fit_set, gate_set = split_pool(pool, r.holdout, r.min_holdout, settings.seed)
+        _, gate_set = split_pool(kept, r.holdout, r.min_holdout, settings.seed)
+        gate_ids = {f.frame_id for f in gate_set}
+        pool = [f for f in queries.refit_candidates(
+            url, sku, since=since, max_images=limit, near_threshold=r.near_threshold,
+            unjudged=previous is None) if f.frame_id not in gate_ids]
+        if len(pool) < 2:
+            raise RefitError(f"SKU {sku}: {len(pool)} OK frames clear of the threshold left to "
+                             "fit on after the gate frames; collect more OK frames")
+        fit_set = pool
         ng = queries.confirmed_ng(url, sku)  # all of them, whatever --since: escapes stay out
-        log.info("refit", sku=sku, pool=len(pool), fit=len(fit_set), heldout=len(gate_set),
+        log.info("refit", sku=sku, pool=len(kept), fit=len(fit_set), heldout=len(gate_set),
                  ng=len(ng), settings=source, current=previous and previous[0])
 
         det = fit([f.image_path for f in fit_set], settings, ng=[f.image_path for f in ng],
@@ -175,7 +185,7 @@ def refit(
             gates = _gates(s, cand, previous, gate_set, ng, progress)
             result = RefitResult(
                 sku=sku, dry_run=dry_run, previous=previous and previous[0], version=None,
-                promoted=False, settings_source=source, pool=len(pool), fit_frames=len(fit_set),
+                promoted=False, settings_source=source, pool=len(kept), fit_frames=len(fit_set),
                 heldout_frames=len(gate_set), ng_frames=len(ng), threshold=cand.threshold,
                 gates=gates, seconds=0.0)
             del cand
@@ -187,7 +197,7 @@ def refit(
                     "previous": result.previous, "settings_source": source,
                     "audit": safe_url(url), "since": since.isoformat() if since else None,
                     "gates": [asdict(g) for g in gates],
-                    "training": {"pool": len(pool), "fit_frame_ids": [f.frame_id for f in fit_set],
+                    "training": {"pool": len(kept), "fit_frame_ids": [f.frame_id for f in fit_set],
                                  "heldout_frame_ids": [f.frame_id for f in gate_set],
                                  "ng_frame_ids": [f.frame_id for f in ng]},
                 }
@@ -218,13 +228,15 @@ def _gates(s: LineSettings, cand: Detector, previous: tuple[str, Path] | None,
     step("gates", 1, 3)
     ng_scores = _scores(cand, [f.image_path for f in ng])
     step("gates", 2, 3)
-    current_ratios = None
+    current_ratios = current_scores = current_threshold = None
     if previous is not None:
         cur = load_detector(previous[1], s.worker.device, s.worker.precision)
-        current_ratios = list(_scores(cur, paths) / cur.threshold)
+        current_scores, current_threshold = _scores(cur, paths), cur.threshold
+        current_ratios = list(current_scores / current_threshold)
     step("gates", 3, 3)
     return [
-        false_reject_gate(ids, cand_scores, cand.threshold, s.refit.max_false_reject),
+        false_reject_gate(ids, cand_scores, cand.threshold, s.refit.max_false_reject,
+                          current_scores, current_threshold),
         ng_gate([f.frame_id for f in ng], ng_scores, cand.threshold),
         shift_gate(list(cand_scores / cand.threshold), current_ratios, s.refit.max_shift,
                    previous and previous[0]),

@@ -138,12 +138,13 @@ def set_label(url: str | Engine, frame_id: str, label: Label, note: str | None =
 
 
 def refit_candidates(url: str | Engine, sku: str, since: datetime | None = None,
-                     max_images: int | None = None, near_threshold: float = 0.8,
+                     max_images: int | None = None, near_threshold: float | None = 0.8,
                      unjudged: bool = False) -> list[AuditedFrame]:
     """Frames usable as OK training images for `sku`, newest first, at most `max_images`.
 
     Either the line passed it (verdict OK), no operator labelled it NG, and it scored below
-    `near_threshold` × threshold (when both are known); or an operator labelled it OK (a
+    `near_threshold` × threshold (when both are known; None: whatever it scored — every OK
+    frame kept, the unbiased sample refit's gates judge on); or an operator labelled it OK (a
     false reject), whatever its verdict and score. With `unjudged` (a SKU's first model),
     also frames the line could not judge for want of a model (ERROR, reason "unknown SKU…")
     that no operator labelled NG. Only frames whose image file exists count; the others are
@@ -151,9 +152,11 @@ def refit_candidates(url: str | Engine, sku: str, since: datetime | None = None,
     """
     v, lab = verdicts.c, labels.c
     not_ng = or_(lab.label.is_(None), lab.label != "NG")
-    clear_of_threshold = or_(v.score.is_(None), v.threshold.is_(None),
-                             v.score < v.threshold * near_threshold)
-    usable = [and_(v.verdict == "OK", not_ng, clear_of_threshold), lab.label == "OK"]
+    passed = [v.verdict == "OK", not_ng]
+    if near_threshold is not None:
+        passed.append(or_(v.score.is_(None), v.threshold.is_(None),
+                          v.score < v.threshold * near_threshold))
+    usable = [and_(*passed), lab.label == "OK"]
     if unjudged:
         usable.append(and_(v.verdict == "ERROR", v.reason.like(f"{UNKNOWN_SKU}%"), not_ng))
     q = frames_query().where(v.sku == sku, v.image_path.is_not(None), or_(*usable))
