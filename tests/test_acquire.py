@@ -105,8 +105,8 @@ def drop(inbox: Path, name: str, data: bytes) -> Path:
 
 def _files_left(inbox: Path) -> list[Path]:
     skip = {"done", "quarantine"}
-    return [p for p in inbox.rglob("*") if p.is_file() and not skip & set(p.relative_to(
-        inbox).parts) and not p.name.startswith(".")]
+    return [p for p in inbox.rglob("*") if (p.is_file() or p.is_symlink())
+            and not skip & set(p.relative_to(inbox).parts) and not p.name.startswith(".")]
 
 
 def test_a_burst_the_line_can_judge_in_time_gets_no_timeout(settings, synth_root):
@@ -176,9 +176,11 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
         drop(inbox, "first.png", good)
         for name, data in hostile.items():
             drop(inbox, name, data)
-        os.symlink(outside, inbox / "link.png")
+        os.symlink(outside, inbox / "link.png")  # links made in place: no close event
+        os.symlink(tmp_path / "nothing.png", inbox / "dangling.png")
+        os.symlink("/dev/zero", inbox / "device.png")
         drop(inbox, "last.png", good)
-        n = len(hostile) + 3
+        n = len(hostile) + 5
         rows = wait_rows(settings.database_url(), n, timeout=120)
         time.sleep(1.0)  # nothing more may arrive
         until(lambda: not _files_left(inbox), "every file moved on")
@@ -192,12 +194,13 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
         assert by[name]["verdict"] in ("OK", "NG"), (name, by[name]["reason"])
     errors = {"zero.png": "empty file", "cut.png": "cannot decode", "text.png": "cannot decode",
               "huge.png": "max_pixels", "link.png": "symbolic link",
+              "dangling.png": "symbolic link", "device.png": "symbolic link",
               "one.png": "outside the model's domain", "deep.png": "16-bit",
               "gif.png": "cannot decode"}
     for name, why in errors.items():
         assert by[name]["verdict"] == "ERROR", (name, by[name]["reason"])
         assert why in by[name]["reason"], (name, by[name]["reason"])
-        assert (inbox / "quarantine" / name).exists()
+        assert os.path.lexists(inbox / "quarantine" / name)
         assert why in (inbox / "quarantine" / f"{name}.txt").read_text()
     assert by["cmyk.jpg"]["verdict"] in ("OK", "NG", "ERROR")  # judged one way or the other
     assert outside.read_bytes() == good  # a link's target is never touched

@@ -38,6 +38,7 @@ from watchdog.events import (
     DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
+    FileCreatedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -80,6 +81,8 @@ class _Enqueue(FileSystemEventHandler):
     def on_created(self, event: FileSystemEvent) -> None:
         if event.is_directory:
             self._put(_DIR + os.fsdecode(event.src_path))
+        elif os.path.islink(event.src_path):  # a symlink made in place never closes
+            self._put(event.src_path)
 
 
 class FolderSource(SourceBase):
@@ -115,8 +118,8 @@ class FolderSource(SourceBase):
         observer = InotifyObserver(generate_full_events=True)
         observer.schedule(_Enqueue(self.q, self.overflow), str(self.root),
                           recursive=self.cfg.recursive,
-                          event_filter=[FileClosedEvent, FileMovedEvent, DirCreatedEvent,
-                                        DirMovedEvent])
+                          event_filter=[FileClosedEvent, FileMovedEvent, FileCreatedEvent,
+                                        DirCreatedEvent, DirMovedEvent])
         observer.start()
         return observer
 
@@ -200,8 +203,9 @@ class FolderSource(SourceBase):
                 continue
             for entry in entries:
                 try:
-                    if entry.is_file() and self._wanted(entry.path):
-                        mtime = entry.stat().st_mtime
+                    # a symlink too, whatever it points at (nothing, a device): its ERROR
+                    if (entry.is_symlink() or entry.is_file()) and self._wanted(entry.path):
+                        mtime = entry.stat(follow_symlinks=False).st_mtime
                         if mtime <= settled:
                             found.append((mtime, entry.path))
                 except OSError:
