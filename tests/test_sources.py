@@ -215,6 +215,23 @@ def test_folder_sends_existing_files_and_rescans_what_a_full_queue_dropped(
     c.nothing_more()
 
 
+def test_folder_takes_files_written_as_it_starts_soon_with_a_deadline_from_then(
+        tmp_path, collect, monkeypatch):
+    """A file written just before the watch began has no event and is too young for the
+    start-up scan: the next scan comes after SETTLE_S, not RESCAN_S, and the frame's
+    deadline counts from when the line first saw it (found by the fault suite: files
+    written while a restarted line was starting timed out at the 10 s re-scan)."""
+    monkeypatch.setattr(folder_mod, "SETTLE_S", 0.5)
+    monkeypatch.setattr(folder_mod, "RESCAN_S", 60.0)
+    (tmp_path / "young.png").write_bytes(png_bytes(noise(8, 8, 0)))
+    t0 = time.time()
+    c = collect(open_source("cam", folder_cam(tmp_path, existing=True)))
+    [cap] = c.take(1, timeout=5.0)
+    assert Path(cap.origin).name == "young.png" and cap.error is None
+    assert cap.capture_ts <= t0 and cap.received_ts is not None and cap.received_ts >= t0
+    c.nothing_more()
+
+
 def test_folder_waits_for_a_missing_folder(tmp_path, collect):
     c = collect(open_source("cam", folder_cam(tmp_path / "later")))
     time.sleep(0.3)

@@ -129,10 +129,23 @@ class FolderSource(SourceBase):
 
     def _grab(self, observer: InotifyObserver) -> Iterator[Capture]:
         # Files present now: at start when `existing`, and after every reconnect (events missed).
-        pending: deque[str] = deque(self._scan() if self._scan_existing else ())
-        received = {p: time.time() for p in pending}  # backlog: judged from when it is seen
+        # A file a scan finds had no event: it waited unseen (written while the line was
+        # down or starting, or lost to an overflow), so its deadline counts from now.
+        pending: deque[str] = deque()
+        received: dict[str, float] = {}
+
+        def scan(top_dir: str | None = None, settle: bool = True) -> float:
+            """Queue what a scan finds; → seconds to the next scan: soon if it left young
+            files for later (written just before the watch began, they have no event)."""
+            found, young = self._scan(top_dir, settle)
+            now = time.time()
+            for p in found:
+                received.setdefault(p, now)
+            pending.extend(found)
+            return SETTLE_S if young else RESCAN_S
+
+        next_scan = time.monotonic() + (scan() if self._scan_existing else RESCAN_S)
         self._scan_existing = True
-        next_scan = time.monotonic() + RESCAN_S
         while not self.stopped():
             scanned = bool(pending)
             if pending:
@@ -140,8 +153,7 @@ class FolderSource(SourceBase):
             else:
                 if self.overflow.is_set() or time.monotonic() >= next_scan:
                     self.overflow.clear()
-                    pending.extend(self._scan())
-                    next_scan = time.monotonic() + RESCAN_S
+                    next_scan = time.monotonic() + scan()
                     continue
                 try:
                     path = self.q.get(timeout=0.2)
@@ -152,7 +164,7 @@ class FolderSource(SourceBase):
                 if path.startswith(_DIR):
                     new_dir = path[len(_DIR):]
                     if self.cfg.recursive and self._wanted_dir(new_dir):
-                        pending.extend(self._scan(new_dir, settle=False))
+                        scan(new_dir, settle=False)
                     continue
             if not self._wanted(path):
                 continue
@@ -186,11 +198,13 @@ class FolderSource(SourceBase):
             return False
         return not any(part.startswith(".") for part in p.relative_to(self.root).parts)
 
-    def _scan(self, top_dir: str | None = None, settle: bool = True) -> list[str]:
+    def _scan(self, top_dir: str | None = None,
+              settle: bool = True) -> tuple[list[str], bool]:
         """Complete-looking files in the folder (or in `top_dir`, a new sub-folder, taken
-        whatever their age: its files had no events), oldest first; forgets kept files now
-        gone."""
+        whatever their age: its files had no events), oldest first, and whether younger
+        files were left for later; forgets kept files now gone."""
         found: list[tuple[float, str]] = []
+        young = False
         settled = time.time() - SETTLE_S if settle else float("inf")
         start = top_dir or str(self.root)
         walk = os.walk(start) if self.cfg.recursive else [(str(self.root), [], None)]
@@ -208,6 +222,8 @@ class FolderSource(SourceBase):
                         mtime = entry.stat(follow_symlinks=False).st_mtime
                         if mtime <= settled:
                             found.append((mtime, entry.path))
+                        else:
+                            young = True
                 except OSError:
                     continue
         with self._seen_lock:
@@ -216,7 +232,7 @@ class FolderSource(SourceBase):
         with self._seen_lock:
             for path in gone:
                 self.seen.pop(path, None)
-        return [p for _, p in sorted(found)]
+        return [p for _, p in sorted(found)], young
 
     def _capture(self, path: str, received: float | None, scanned: bool) -> Capture | None:
         """The file's frame, an ERROR frame, or None (gone, seen, not a file, or found by a
