@@ -169,6 +169,8 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
         "-dash.png": good,
         ("n" * 200) + ".png": good,
         "newdir/inside.png": good,
+        os.fsdecode(b"latin1-\xe9.png"): good,  # not UTF-8: audited by an escaped name
+        os.fsdecode(b"cut-\xff.png"): good[:100],  # ... and quarantined with its note
     }
     line = Line(settings)
     try:
@@ -190,18 +192,21 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
     rows = audit_rows(settings.database_url())
     assert len(rows) == n and len({r["frame_id"] for r in rows}) == n
     by = {Path(r["origin"]).name: r for r in rows}
-    for name in ("first.png", "last.png", "with space ü.png", "-dash.png", "inside.png"):
+    for name in ("first.png", "last.png", "with space ü.png", "-dash.png", "inside.png",
+                 "latin1-\\xe9.png"):
         assert by[name]["verdict"] in ("OK", "NG"), (name, by[name]["reason"])
     errors = {"zero.png": "empty file", "cut.png": "cannot decode", "text.png": "cannot decode",
               "huge.png": "max_pixels", "link.png": "symbolic link",
               "dangling.png": "symbolic link", "device.png": "symbolic link",
+              "cut-\\xff.png": "cannot decode",
               "one.png": "outside the model's domain", "deep.png": "16-bit",
               "gif.png": "cannot decode"}
     for name, why in errors.items():
         assert by[name]["verdict"] == "ERROR", (name, by[name]["reason"])
         assert why in by[name]["reason"], (name, by[name]["reason"])
-        assert os.path.lexists(inbox / "quarantine" / name)
-        assert why in (inbox / "quarantine" / f"{name}.txt").read_text()
+        on_disk = inbox / "quarantine" / name.replace("\\xff", os.fsdecode(b"\xff"))
+        assert os.path.lexists(on_disk)
+        assert why in Path(f"{on_disk}.txt").read_text()
     assert by["cmyk.jpg"]["verdict"] in ("OK", "NG", "ERROR")  # judged one way or the other
     assert outside.read_bytes() == good  # a link's target is never touched
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from inspectd.core.wire import (
     ProtocolError,
     Verdict,
     pixels_to_array,
+    printable,
     to_rgb8,
     valid_name,
 )
@@ -69,3 +72,16 @@ def test_pixel_formats_become_rgb8():
 def test_names_that_would_escape_a_path_are_refused(bad):
     with pytest.raises(ProtocolError):
         valid_name(bad, "sku")
+
+
+def test_text_fields_arrive_as_valid_unicode_whatever_the_file_name():
+    """A non-UTF-8 file name reaches the wire surrogate-escaped; decoded, it is text a
+    database and a note file take: undecodable bytes as \\xNN, other lone surrogates too."""
+    name = os.fsdecode(b"/in/bad-\xff.png")
+    v = Verdict("f1", "ERROR", camera="c", sku="s", line="l", capture_ts=1.0, origin=name,
+                part_id=os.fsdecode(b"bad-\xff"), reason=f"cannot decode {name}")
+    back = Verdict.decode(v.encode())
+    assert back.origin == "/in/bad-\\xff.png" and back.part_id == "bad-\\xff"
+    assert back.reason == "cannot decode /in/bad-\\xff.png"
+    assert printable("plain ü") == "plain ü"
+    assert printable("lone \ud800") == "lone \\ud800"

@@ -208,10 +208,26 @@ def _id(v: Any) -> str:
     return v
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode: a file name's undecodable bytes (surrogate-escaped by
+    os.fsdecode) become `\\xff` escapes, any other lone surrogate `\\udcxx`. A database or
+    a text file refuses lone surrogates, and a row or a quarantine note must never be lost
+    to a file's name."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+
+
 def _text(v: Any) -> str:
     if not isinstance(v, str) or len(v) > _TEXT_MAX:
         raise ValueError(f"expected a string of at most {_TEXT_MAX} characters")
-    return v
+    return printable(v)
 
 
 def _name_or_empty(v: Any) -> str:

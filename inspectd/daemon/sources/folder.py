@@ -46,7 +46,7 @@ from watchdog.events import (
 from watchdog.observers.inotify import InotifyObserver
 
 from inspectd.core.config import FolderCamera
-from inspectd.core.wire import ProtocolError, valid_name
+from inspectd.core.wire import ProtocolError, printable, valid_name
 from inspectd.daemon.sources.base import Capture, Lost, SourceBase, SourceError, as_pixels
 
 QUEUE_SIZE = 1024
@@ -336,14 +336,15 @@ class FolderSource(SourceBase):
                 shutil.move(path, dest)
                 if after == "quarantine":
                     dest.with_name(dest.name + ".txt").write_text(
-                        f"{verdict}: {reason or 'no reason given'}\n")
+                        printable(f"{verdict}: {reason or 'no reason given'}\n"))
             else:
                 return
         except FileNotFoundError:
             pass
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 — one file's disposal never stops the line
             # Stays in `seen`, so it is not sent again.
-            self.log.error("cannot dispose of file", path=path, after=after, error=str(e))
+            self.log.error("cannot dispose of file", path=printable(path), after=after,
+                           error=printable(f"{type(e).__name__}: {e}"))
             return
         with self._seen_lock:
             self.seen.pop(path, None)
