@@ -27,6 +27,7 @@ from inspectd.daemon import security
 from inspectd.daemon.acquire import Acquirer
 from inspectd.daemon.sink import Sink
 from inspectd.daemon.sources.base import Capture
+from inspectd.daemon.sources.folder import note_path
 from inspectd.daemon.worker import Worker
 from inspectd.lifecycle.registry import publish
 from tests.helpers import audit_rows, until, wait_rows
@@ -97,7 +98,7 @@ def drop(inbox: Path, name: str, data: bytes) -> Path:
     """As a camera PC writes: a temp name, then renamed into place."""
     dest = inbox / name
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = dest.with_name(f".{abs(hash(name))}.tmp")  # short: the name may be at NAME_MAX
     tmp.write_bytes(data)
     os.replace(tmp, dest)
     return dest
@@ -171,6 +172,7 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
         "newdir/inside.png": good,
         os.fsdecode(b"latin1-\xe9.png"): good,  # not UTF-8: audited by an escaped name
         os.fsdecode(b"cut-\xff.png"): good[:100],  # ... and quarantined with its note
+        "L" * 251 + ".png": b"",  # a name at NAME_MAX: its note's name is shortened
     }
     line = Line(settings)
     try:
@@ -198,7 +200,7 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
     errors = {"zero.png": "empty file", "cut.png": "cannot decode", "text.png": "cannot decode",
               "huge.png": "max_pixels", "link.png": "symbolic link",
               "dangling.png": "symbolic link", "device.png": "symbolic link",
-              "cut-\\xff.png": "cannot decode",
+              "cut-\\xff.png": "cannot decode", "L" * 251 + ".png": "empty file",
               "one.png": "outside the model's domain", "deep.png": "16-bit",
               "gif.png": "cannot decode"}
     for name, why in errors.items():
@@ -206,7 +208,7 @@ def test_no_hostile_file_stops_the_line(settings, synth_root, tmp_path):
         assert why in by[name]["reason"], (name, by[name]["reason"])
         on_disk = inbox / "quarantine" / name.replace("\\xff", os.fsdecode(b"\xff"))
         assert os.path.lexists(on_disk)
-        assert why in Path(f"{on_disk}.txt").read_text()
+        assert why in note_path(on_disk).read_text()
     assert by["cmyk.jpg"]["verdict"] in ("OK", "NG", "ERROR")  # judged one way or the other
     assert outside.read_bytes() == good  # a link's target is never touched
 

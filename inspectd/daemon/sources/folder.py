@@ -335,7 +335,7 @@ class FolderSource(SourceBase):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(path, dest)
                 if after == "quarantine":
-                    dest.with_name(dest.name + ".txt").write_text(
+                    note_path(dest).write_text(
                         printable(f"{verdict}: {reason or 'no reason given'}\n"))
             else:
                 return
@@ -356,11 +356,30 @@ def _file_id(camera: str, path: str, st: os.stat_result) -> str:
     return hashlib.sha256(key.encode(errors="surrogateescape")).hexdigest()[:32]
 
 
+NAME_MAX = 255  # bytes in one file name (Linux file systems)
+
+
+def _fitted(stem: str, tail: str) -> str:
+    """stem + tail, the stem shortened (with a hash of it, so names stay distinct) when the
+    whole would pass NAME_MAX bytes: a file named at the limit still gets its note."""
+    raw = os.fsencode(stem)
+    room = NAME_MAX - len(os.fsencode(tail))
+    if len(raw) <= room:
+        return stem + tail
+    tag = "~" + hashlib.sha256(raw).hexdigest()[:8]
+    return os.fsdecode(raw[:room - len(tag)]) + tag + tail
+
+
+def note_path(dest: Path) -> Path:
+    """The `.txt` beside a quarantined file that says why it is there."""
+    return dest.with_name(_fitted(dest.name, ".txt"))
+
+
 def _free_name(dest: Path) -> Path:
     """dest, or dest with -1, -2 … before the suffix when that name is taken."""
     n = 0
     candidate = dest
-    while candidate.exists():
+    while os.path.lexists(candidate):
         n += 1
-        candidate = dest.with_name(f"{dest.stem}-{n}{dest.suffix}")
+        candidate = dest.with_name(_fitted(dest.stem, f"-{n}{dest.suffix}"))
     return candidate
