@@ -25,6 +25,7 @@ from inspectd.core.wire import (
     ACK,
     ANNOUNCE,
     FRAME,
+    JUDGED,
     VERDICT,
     Ack,
     FrameHeader,
@@ -290,7 +291,11 @@ def test_a_verdict_for_a_frame_never_announced_is_refused(settings):
         img = np.zeros((8, 8, 3), np.uint8)
         forged = Verdict.for_frame(line.header(img), "OK", score=0.1, threshold=1.0)
         line.to_sink.send_multipart([VERDICT, forged.encode()])
-        until(lambda: line.sink.counts.refused == 1, "the forged verdict refused")
+        # ... nor acquisition's own verdict: it only ever judges ERROR or TIMEOUT
+        for kind in ("OK", "NG"):
+            own = Verdict.for_frame(line.header(img), kind, score=0.1, threshold=1.0)
+            line.to_sink.send_multipart([JUDGED, own.encode()])
+        until(lambda: line.sink.counts.refused == 3, "the forged verdicts refused")
         h = line.header(img, deadline_s=0.3)  # the sink is still judging: a TIMEOUT row
         line.to_sink.send_multipart([ANNOUNCE, h.encode()])
         wait_rows(settings.database_url(), 1)

@@ -252,8 +252,14 @@ class Sink:
         self._acks[sender].held.append(fid)
 
     def _own_verdict(self, v: Verdict, sender: bytes) -> None:
-        """Acquisition's verdict on a frame it never handed to a worker (unreadable, shed)."""
+        """Acquisition's verdict on a frame it never handed to a worker (unreadable, shed).
+        Only ERROR or TIMEOUT: acquisition never judges a part good or bad, so an OK or NG
+        here is forged (or a bug) and refused — it can never pass a part."""
         fid = v.frame_id
+        if v.verdict not in ("ERROR", "TIMEOUT"):
+            self._refuse("acquisition verdict that is not ERROR or TIMEOUT", frame_id=fid,
+                         verdict=v.verdict)
+            return
         if fid not in self._judged:
             h = self._pending.get(fid)
             if h is not None:  # announced earlier: the announcement's fields stand
