@@ -970,7 +970,10 @@ def scenario_disk_full(plan: Plan, assets: Assets) -> list[dict]:
     name = "disk-full"
     work = runs(plan, name)
     models = sum(f.stat().st_size for f in assets.obj.rglob("*") if f.is_file())
-    size_mib = math.ceil(models / 2**20) + 8
+    # Room for the models and for the images of the phases before and after the fill (about
+    # 2 MiB a second at this feed): otherwise the NG images of the steady phase fill it, and
+    # "space back" would still be below min_free_images.
+    size_mib = math.ceil(models / 2**20) + 8 + math.ceil(2 * (plan.steady_s + plan.after_s))
     stage = Path(tempfile.mkdtemp(prefix="ifl-models-", dir="/tmp"))
     publish_models({"obj": assets.obj}, stage / "models")
     # A private mount namespace with a tmpfs of size_mib at data_dir (root: unshare --mount,
