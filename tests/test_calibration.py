@@ -25,7 +25,8 @@ def test_cross_fitted_thresholds_hold_on_ok_parts_the_model_never_saw(texture, k
     """Scores of the training images themselves would give a threshold that rejects most new
     good parts; out-of-fold scores give one near its quantile."""
     train, fresh = texture
-    det = fit(train, ModelSettings(kind=kind, preprocess={"resize": 96}))
+    det = fit(train, ModelSettings(kind=kind, preprocess={"resize": 96},
+                                   calibration={"mode": "crossfit"}))
     assert det.manifest["training"]["fit_images"] == 40  # nothing held out of the model
     new = np.array([p.score for p in det.predict(fresh)])
     in_sample = np.array([p.score for p in det.predict(train)])
@@ -48,5 +49,8 @@ def test_holdout_mode_keeps_a_share_out_of_the_model(texture, tmp_path):
 def test_auto_mode_cross_fits_small_sets_only(texture):
     train, _ = texture
     s = ModelSettings(kind="padim", preprocess={"resize": 96},
-                      calibration={"crossfit_max_images": 20})
+                      calibration={"mode": "auto", "crossfit_max_images": 20})
     assert fit(train, s).manifest["training"]["calibration"] == "holdout"
+    s = s.model_copy(update={"calibration": s.calibration.model_copy(
+        update={"crossfit_max_images": 40})})
+    assert fit(train, s).manifest["training"]["calibration"] == "crossfit 5 folds"

@@ -40,11 +40,11 @@ def test_fit_writes_an_artifact_with_manifest_and_safetensors(fitted):
     assert manifest["backbone"]["name"] == "efficientnet_lite0"
     assert len(manifest["backbone"]["weights_sha256"]) == 64
     assert manifest["threshold"]["image"] > 0 and manifest["threshold"]["pixel"] > 0
-    # 14 OK images, cross-fitted: every one in the model, every one scored out of fold.
-    assert len(manifest["calibration"]["heldout_ok_scores"]) == 14
-    assert manifest["training"]["images"] == 14 and manifest["training"]["fit_images"] == 14
-    assert manifest["training"]["calibration"] == "crossfit 5 folds"
-    assert "cross-fitted" in manifest["threshold"]["method"]
+    # 14 OK images, 10 % (at least 3) held out of the model for the thresholds
+    assert len(manifest["calibration"]["heldout_ok_scores"]) == 3
+    assert manifest["training"]["images"] == 14 and manifest["training"]["fit_images"] == 11
+    assert manifest["training"]["calibration"] == "holdout"
+    assert "held-out" in manifest["threshold"]["method"]
     assert len(manifest["training"]["fingerprint"]) == 64
     assert not list(art.glob("*.pt")) and not list(art.glob("*.pkl"))
 

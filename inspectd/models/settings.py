@@ -47,10 +47,11 @@ class ScoringSettings(Section):
 
 class CalibrationSettings(Section):
     mode: Literal["auto", "crossfit", "holdout"] = Field(
-        "auto", description="crossfit: every OK image in the model, thresholds from "
-        "out-of-fold scores (folds models each fitted without one fold); holdout: `holdout` "
-        "of the OK images kept out of the model to set them; auto: crossfit up to "
-        "crossfit_max_images images, holdout above")
+        "holdout", description="holdout: `holdout` of the OK images kept out of the model to "
+        "set the thresholds; crossfit: every OK image in the model, thresholds from "
+        "out-of-fold scores (fold models each fitted without one fold) — fewer false rejects, "
+        "more escapes (fold models saw fewer images and score higher; BENCHMARKS.md); auto: "
+        "crossfit up to crossfit_max_images images, holdout above")
     folds: int = Field(5, ge=2, description="cross-fitting folds")
     crossfit_max_images: int = Field(
         300, ge=2, description="auto mode: cross-fit up to this many OK images")
