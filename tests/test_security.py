@@ -51,15 +51,35 @@ def test_ipc_sockets_are_private_to_the_line_user(tmp_path):
         ctx.term()
 
 
+class _NoNetwork:
+    """A context whose sockets only record: the refusal must come before any bind or
+    connect, so this test never opens a port or sends a packet beyond loopback."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+
+    def socket(self, kind: int) -> _NoNetwork:
+        return self
+
+    def setsockopt(self, *_: object) -> None:
+        pass
+
+    def bind(self, ep: str) -> None:
+        self.opened.append(ep)
+
+    connect = bind
+
+    def close(self, *_: object) -> None:
+        pass
+
+
 def test_a_network_endpoint_without_the_keys_is_refused(tmp_path):
-    ctx = zmq.Context()
-    try:
-        with pytest.raises(TransportError, match="beyond loopback the line needs its CURVE"):
-            socket(ctx, zmq.ROUTER, "tcp://0.0.0.0:0", bind=True, hwm=10)
-        with pytest.raises(TransportError, match="beyond loopback"):
-            socket(ctx, zmq.DEALER, "tcp://10.0.0.7:5555", bind=False, hwm=10)
-    finally:
-        ctx.term()
+    ctx = _NoNetwork()
+    with pytest.raises(TransportError, match="beyond loopback the line needs its CURVE"):
+        socket(ctx, zmq.ROUTER, "tcp://0.0.0.0:0", bind=True, hwm=10)
+    with pytest.raises(TransportError, match="beyond loopback"):
+        socket(ctx, zmq.DEALER, "tcp://10.0.0.7:5555", bind=False, hwm=10)
+    assert ctx.opened == []
 
 
 def _tcp_line(settings: LineSettings, tmp_path: Path) -> LineSettings:  # noqa: F811
