@@ -199,14 +199,17 @@ class PlcRecorder:
             now = time.time()
             self.writes += [(now, address + i, int(v)) for i, v in enumerate(values)]
 
-    async def _serve(self) -> None:
-        from pymodbus.server import ModbusTcpServer
+    def _device(self) -> Any:
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         # id 0 answers every unit id; one shared block of 32 registers holds all addresses.
-        device = SimDevice(id=0, action=self._record, simdata=[
+        return SimDevice(id=0, action=self._record, simdata=[
             SimData(0, count=32, values=0, datatype=DataType.REGISTERS)])
-        self._server = ModbusTcpServer(device, address=("127.0.0.1", 0))
+
+    async def _serve(self) -> None:
+        from pymodbus.server import ModbusTcpServer
+
+        self._server = ModbusTcpServer(self._device(), address=("127.0.0.1", 0))
         self._loop = asyncio.get_running_loop()
         await self._server.serve_forever(background=True)
         self.port = self._server.transport.sockets[0].getsockname()[1]
@@ -221,8 +224,9 @@ class PlcRecorder:
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(
-                self._server.shutdown()))
+            with contextlib.suppress(RuntimeError):  # the loop may have ended already
+                self._loop.call_soon_threadsafe(lambda: self._loop.create_task(
+                    self._server.shutdown()))
         self._thread.join(10)
 
     def verdict_times(self) -> dict[int, float]:

@@ -30,7 +30,6 @@ on failure.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import json
@@ -61,6 +60,7 @@ from typing import Any
 import numpy as np
 import yaml
 from bench_daemon import (
+    PlcRecorder,
     ServiceManager,
     decoded_frames,
     shown,
@@ -236,41 +236,27 @@ def bare_rate(artifact: Path, clip: Path) -> float:
 
 # ------------------------------------------------------------------- the PLC, database, events
 
-class Plc:
-    """A Modbus TCP server (unit 1) on 127.0.0.1 recording every write: (time, fc, address,
-    values). Adapted from bench_daemon's PlcRecorder and the tests' PlcPeer."""
+class Plc(PlcRecorder):
+    """bench_daemon's Modbus recorder as unit 1 with coils, keeping every write whole:
+    (time, function code, address, values)."""
 
     def __init__(self) -> None:
-        self.writes: list[tuple[float, int, int, tuple[int, ...]]] = []
-        self.port = 0
-        self._up = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: Any = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-        self._thread.start()
-        if not self._up.wait(10):
-            raise RuntimeError("the Modbus recorder did not start")
+        super().__init__()
+        self.start()
 
     async def _record(self, fc: int, _start: int, address: int, _count: int, _regs: list[int],
                       values: list[int] | list[bool] | None) -> None:
         if values is not None:
             self.writes.append((time.time(), fc, address, tuple(int(v) for v in values)))
 
-    async def _serve(self) -> None:
-        from pymodbus.server import ModbusTcpServer
+    def _device(self) -> Any:
         from pymodbus.simulator import DataType, SimData, SimDevice
 
-        device = SimDevice(1, action=self._record, simdata=(
+        return SimDevice(1, action=self._record, simdata=(
             [SimData(0, count=32, values=False, datatype=DataType.BITS)],
             [SimData(0, values=False, datatype=DataType.BITS)],
             [SimData(0, count=64, values=0, datatype=DataType.REGISTERS)],
             [SimData(0, values=0, datatype=DataType.REGISTERS)]))
-        self._server = ModbusTcpServer(device, address=("127.0.0.1", 0))
-        self._loop = asyncio.get_running_loop()
-        await self._server.serve_forever(background=True)
-        self.port = self._server.transport.sockets[0].getsockname()[1]
-        self._up.set()
-        await self._server.serving
 
     def blocks(self) -> list[tuple[float, int, int, int]]:
         """(time, sequence, part, code) of every verdict block written."""
@@ -278,13 +264,6 @@ class Plc:
 
     def pulses(self) -> int:
         return sum(1 for _, fc, a, v in list(self.writes) if fc == 5 and a == COIL and v == (1,))
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(
-                    lambda: self._loop.create_task(self._server.shutdown()))
-        self._thread.join(10)
 
 
 class Database:
