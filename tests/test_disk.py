@@ -333,6 +333,7 @@ def test_the_sink_exports_skipped_images_free_space_and_the_spool(tmp_path: Path
         while sink.counts.frames < 2 and time.monotonic() < end:
             sink.step(poller, 50)
         sink.step(poller, 0)
+        sink.report()
         assert sink.counts.frames == 2
         value = sink.metrics.registry.get_sample_value
         assert value("inspectd_dropped_total", {"reason": "image skipped: disk low (ok)"}) == 1

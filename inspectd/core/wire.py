@@ -26,7 +26,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -54,6 +54,12 @@ def valid_name(value: str, what: str = "name") -> str:
     return value
 
 
+def _fields(message: object) -> dict[str, Any]:
+    """A flat message's fields, shallow: `dataclasses.asdict` deep-copies every value, and on
+    the per-frame path (encode, journal, audit row, event) that was a third of the sink's CPU."""
+    return dict(vars(message))
+
+
 def new_frame_id() -> str:
     return uuid.uuid4().hex
 
@@ -73,8 +79,11 @@ class FrameHeader:
     origin: str | None = None  # file path, camera serial, stream URL … for the audit log
     v: int = VERSION
 
+    def as_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps(_fields(self), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> FrameHeader:
@@ -120,8 +129,11 @@ class Verdict:
                    deadline_ts=h.deadline_ts, reason=reason, shape=h.shape, dtype=h.dtype,
                    pixel_format=h.pixel_format, **kw)
 
+    def as_dict(self) -> dict[str, Any]:
+        return _fields(self)
+
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps(_fields(self), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Verdict:
@@ -180,7 +192,7 @@ class Status:
     unsent: int = 0
 
     def encode(self) -> bytes:
-        return json.dumps({**asdict(self), "v": VERSION}, separators=(",", ":")).encode()
+        return json.dumps({**_fields(self), "v": VERSION}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, raw: bytes) -> Status:

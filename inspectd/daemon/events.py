@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -38,7 +37,7 @@ def topic(v: Verdict) -> bytes:
 
 
 def event_json(v: Verdict, paths: dict[str, str] | None) -> bytes:
-    return json.dumps({**asdict(v), "paths": paths or {}}, separators=(",", ":")).encode()
+    return json.dumps({**v.as_dict(), "paths": paths or {}}, separators=(",", ":")).encode()
 
 
 class EventPublisher:

@@ -56,6 +56,7 @@ from inspectd.storage.journal import Journal
 
 log = structlog.get_logger("inspectd.sink")
 REASON_KEPT = 120  # characters of a judged frame's reason kept for answering a repeat
+REPORT_EVERY_S = 0.1
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Sink:
         self.metrics = metrics or Metrics()
         self.heartbeat = heartbeat or (lambda: None)
         self.counts = SinkCounts()
+        self._report_due = 0.0
         self._events_dropped = 0  # exported so far
         self._unsent: dict[tuple[str, str], int] = {}  # per role, what it reported
         self._pending: dict[str, FrameHeader] = {}
@@ -161,6 +163,8 @@ class Sink:
         self.heartbeat()
         if dict(poller.poll(timeout_ms)):
             for _ in range(1000):  # bounded burst, so deadlines and commits keep their pace
+                if not self.inbox.get(zmq.EVENTS) & zmq.POLLIN:
+                    break  # cheaper than the zmq.Again a read of an empty socket raises
                 try:
                     parts = self.inbox.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
@@ -171,6 +175,15 @@ class Sink:
         self.audit.poll()
         self.journal.collect(self.audit.rows_durable)
         self.output.tick()
+        now = time.monotonic()
+        if now >= self._report_due:
+            self._report_due = now + REPORT_EVERY_S
+            self.report()
+
+    def report(self) -> None:
+        """Live figures to the metrics and the supervisor's counts (at most every
+        REPORT_EVERY_S from `step`: the sink wakes for every message, and setting a dozen
+        gauges each time was a fifth of its per-frame CPU at a 70 frames/s overload)."""
         for reason, n in self.output.take_drops().items():
             self.metrics.dropped(reason, n)
         if self.events.dropped > self._events_dropped:

@@ -26,7 +26,6 @@ import os
 import queue
 import threading
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -316,7 +315,7 @@ def _is_outage(e: exc.SQLAlchemyError) -> bool:
 
 def encode_row(v: Verdict, paths: dict[str, str] | None) -> bytes:
     # default=str: a stray non-JSON value must not cost the row (the database judges it).
-    return json.dumps({"verdict": asdict(v), "paths": paths}, separators=(",", ":"),
+    return json.dumps({"verdict": v.as_dict(), "paths": paths}, separators=(",", ":"),
                       default=str).encode()
 
 
