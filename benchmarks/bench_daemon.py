@@ -9,14 +9,16 @@ fitted on PNGs) and published as the line's model.
 
   * bare: the artifact loaded as the worker loads it (`load(dir, device="auto",
     precision="auto")`), with the worker's thread count, predicting the decoded video frames at
-    batch 8; images/s per repeat, after a warm-up repeat.
+    batch 8; images/s per repeat, after a warm-up repeat. Measured first and again after each
+    load: a load's baseline is the mean of the bare rates just before and after it.
   * per load (offered frames/s = a multiple of bare): a fresh `inspectd run` (opencv camera on
     the video, looping, paced at the offered rate; PLC = Modbus TCP to a server in this process
     that timestamps every write), READY awaited on a NOTIFY_SOCKET like systemd; `duration` s
     of frames, of which the first `warmup` s are discarded. From the audit log and the PLC's
     write times: judged (OK+NG) frames/s per 5 s bin, verdict counts and TIMEOUT reasons,
     capture → PLC latency, worker stage timings, whether part ids are 1..N without gap or
-    duplicate; RSS of the daemon's process tree sampled every 2 s.
+    duplicate; RSS of the daemon's process tree sampled every 2 s; cores used per role in the
+    window (CPU s / s from /proc, and this process: the PLC server).
 """
 
 from __future__ import annotations
@@ -171,12 +173,14 @@ def bare_throughput(artifact: Path, frames: list[np.ndarray], repeats: int) -> d
     det = load(artifact, device="auto", precision="auto")
     det.batch_size = 8
     det.predict(frames, keep_image=False)  # warm-up
-    rates = []
+    rates, cpu_ms = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         det.predict(frames, keep_image=False)
         rates.append(len(frames) / (time.perf_counter() - t0))
-    return {"images_per_s": summary(rates), "bf16": bool(det.runtime.bf16),
+        cpu_ms.append((time.process_time() - c0) / len(frames) * 1000)
+    return {"images_per_s": summary(rates), "cpu_ms_per_image": summary(cpu_ms),
+            "bf16": bool(det.runtime.bf16),
             "device": str(det.runtime.device), "images_per_repeat": len(frames)}
 
 
@@ -259,6 +263,36 @@ def tree_pids(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User + system CPU seconds of each process so far (/proc/<pid>/stat; gone ones left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[p] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
+def role_cpu(before: dict[int, float], after: dict[int, float], log_path: Path,
+             own: tuple[float, float], seconds: float) -> dict[str, float]:
+    """Cores used per role over `seconds` (CPU s / s): the daemon's processes named by the
+    supervisor's "started" log lines, and this process (the PLC server, the RSS sampler)."""
+    label = {}
+    for text in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            e = json.loads(text)
+            if e.get("event") == "started" and "pid" in e:
+                label[int(e["pid"])] = str(e["child"]).split(":")[0]
+    used: Counter[str] = Counter()
+    for p, t in after.items():
+        used[label.get(p, "supervisor")] += (t - before.get(p, 0.0)) / seconds
+    used["benchmark (PLC server)"] = (own[1] - own[0]) / seconds
+    return {k: round(v, 3) for k, v in sorted(used.items())}
+
+
 def tree_rss_kib(pid: int) -> int:
     """VmRSS summed over a process and all its descendants (what has exited counts 0)."""
     total = 0
@@ -325,6 +359,8 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
     manager = ServiceManager(run_dir / "notify.sock")
     log_path = work / "daemon.log"
     rss: list[tuple[float, int]] = []
+    cpu0: dict[int, float] = {}
+    own0 = 0.0
     with log_path.open("w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "-c", str(config)],
                                 stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -335,8 +371,13 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
             log(f"{name}: line ready, offering {fps:.1f} frames/s for {plan.duration_s:.0f} s")
             while time.time() < t_ready + plan.duration_s and proc.poll() is None:
                 rss.append((time.time(), tree_rss_kib(proc.pid)))
+                if not cpu0 and time.time() >= t_ready + plan.warmup_s:
+                    t_cpu0, cpu0, own0 = time.time(), cpu_seconds(tree_pids(proc.pid)), \
+                        time.process_time()
                 time.sleep(RSS_EVERY_S)
             t_stop = time.time()
+            cores = role_cpu(cpu0, cpu_seconds(tree_pids(proc.pid)), log_path,
+                             (own0, time.process_time()), t_stop - t_cpu0)
             if proc.poll() is not None:
                 raise RuntimeError(f"inspectd run exited with {proc.returncode}; see {log_path}")
         finally:
@@ -352,7 +393,8 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
             manager.close()
             plc.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
-    return analyse(name, fps, line, plc, rss, t_ready, t_stop, code, log_path, plan)
+    return {**analyse(name, fps, line, plc, rss, t_ready, t_stop, code, log_path, plan),
+            "cores_used": cores}
 
 
 def audit_rows(line: Path) -> list[dict[str, Any]]:
@@ -490,8 +532,18 @@ def main() -> None:
         "plan": {k: str(v) if isinstance(v, Path) else v for k, v in plan.__dict__.items()},
         "worker_threads": threads, "video_frames": n_frames, "bare": bare, "runs": {},
     }
+    before = base
     for name, factor in LOADS:
         r = run_daemon(plan, name, video, round(factor * base, 1))
+        # The machine's speed drifts (a shared VM: the bare rate moved by a third within
+        # minutes), so each load is judged against the bare rate measured just before and
+        # just after it, not only against the first measure.
+        again = bare_throughput(artifact, frames, plan.bare_repeats)
+        after = again["images_per_s"]["median"]
+        r["bare_before_after"] = [before, after]
+        r["bare_cpu_ms_per_image"] = again["cpu_ms_per_image"]["median"]
+        r["baseline_images_per_s"] = (before + after) / 2
+        before = after
         res["runs"][name] = r
         log(f"{name}: judged {r['judged_fps']:.1f} frames/s, verdicts {r['verdicts']}, "
             f"timeouts {r['timeouts']}, exit {r['exit_code']}")
