@@ -16,7 +16,7 @@ from inspectd.models.datasets.mvtec import test_samples, train_samples
 from inspectd.models.metrics import f1_max
 from inspectd.models.settings import ModelSettings
 
-KINDS = ["patchcore", "padim", "orthoad"]
+KINDS = ["patchcore", "padim", "orthoad", "ensemble"]
 SMALL = ["preprocess.resize=128", "calibration.min_holdout=3"]
 
 

@@ -48,7 +48,7 @@ def test_override_values_parse_as_yaml():
         "a": {"b": 0.5, "c": [1, 2]}, "d": None, "e": "text"}
 
 
-@pytest.mark.parametrize("kind", ["patchcore", "padim", "orthoad", "auto"])
+@pytest.mark.parametrize("kind", ["patchcore", "padim", "orthoad", "ensemble", "auto"])
 def test_shipped_model_configs_document_the_code_defaults(kind):
     s = load_settings(ModelSettings, CONFIGS / f"{kind}.yaml")
     assert s.kind == kind

@@ -28,6 +28,8 @@ import torch
 from inspectd.core.errors import ConfigError, DataError
 from inspectd.models import anomalies, metrics
 from inspectd.models.detector import Detector, ImageInput, batched, load_images
+from inspectd.models.ensemble.fit import stats
+from inspectd.models.ensemble.model import pooled_spread
 from inspectd.models.features import (
     Runtime,
     backbone_spec,
@@ -38,10 +40,13 @@ from inspectd.models.features import (
 from inspectd.models.fitting import CachedDetector
 from inspectd.models.kinds import KINDS, fitter
 from inspectd.models.preprocess import Geometry
-from inspectd.models.settings import ModelSettings
+from inspectd.models.settings import ModelSettings, merged
 
 log = structlog.get_logger("inspectd.auto")
 Progress = Callable[[str, int, int], None]
+# A candidate's held-out OK scores, anomalous scores, anomalous maps, OK map pixels, masks.
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+PIXEL_STEP = 4  # OK map pixels kept for an ensemble's normalisation: every 4th per axis
 
 
 @dataclass
@@ -65,27 +70,12 @@ class Candidate:
 def candidates(base: ModelSettings) -> list[Candidate]:
     """The configured candidates as full settings: each merged over `base`'s sections."""
     out = []
-    common = base.model_dump(exclude={"kind", "auto"})
     for i, raw in enumerate(base.auto.candidates):
         spec = dict(raw)
         name = str(spec.pop("name", spec.get("kind", f"candidate {i}")))
-        merged = _merge(common, spec)
-        try:
-            s = ModelSettings(**merged)
-        except Exception as e:
-            raise ConfigError(f"auto.candidates[{i}] ({name}): {e}") from None
-        if s.kind == "auto":
-            raise ConfigError(f"auto.candidates[{i}] ({name}): a candidate needs a model kind")
-        out.append(Candidate(name, s))
+        out.append(Candidate(name, merged(base, spec, f"auto.candidates[{i}] ({name})")))
     if not out:
         raise ConfigError("auto.candidates: no candidates")
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -133,6 +123,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
     for c in cands:
         groups.setdefault(_group_key(c.settings), []).append(c)
     fitted: dict[str, tuple[str, Any]] = {}  # fit key → (candidate name, model)
+    outputs: dict[str, Outputs] = {}  # candidate → its scores and maps on the validation
     for members in groups.values():
         s0 = members[0].settings
         layers = sorted({layer for c in members for layer in _layers(c.settings)})
@@ -159,16 +150,24 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
                     x.choice is not None for x in cands):
                 c.skipped = f"budget: {spent:.0f} s of {a.budget_s:.0f} s spent"
                 continue
-            _try(c, proto, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a, step)
+            out = _try(c, proto, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a, step)
+            if out is not None:
+                outputs[c.name] = (*out, masks)
     tried = [c for c in cands if c.choice is not None]
     if not tried:
         raise DataError("auto: no candidate could be fitted: "
                         + "; ".join(f"{c.name}: {c.skipped}" for c in cands))
     best = max(tried, key=lambda c: c.choice)
+    if a.ensemble and (ens := _ensemble(base, tried, outputs, a)) is not None:
+        cands.append(ens)
+        if ens.choice >= best.choice + a.ensemble_margin:
+            best = ens
     report = {
         "chosen": best.name,
         "rule": f"image AUROC + {a.pixel_weight} × pixel AUROC on {len(val_images)} held-out "
-                f"OK images and as many with synthetic anomalies ({', '.join(a.anomalies)})",
+                f"OK images and as many with synthetic anomalies ({', '.join(a.anomalies)})"
+                + (f"; the ensemble only if it beats both its members by "
+                   f"{a.ensemble_margin}" if a.ensemble else ""),
         "validation_images": len(val_images), "fit_images": len(fit_items),
         "candidates": [c.row() for c in cands],
         "seconds": round(time.perf_counter() - t0, 2),
@@ -181,7 +180,9 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
 
 def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[int],
          bad_idx: list[int], masks: np.ndarray, fitted: dict[str, tuple[str, Any]], a: Any,
-         step: Progress) -> None:
+         step: Progress) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Fit (or reuse the fit of) candidate `c` and judge it; its scores of the held-out OK
+    images, of the anomalous ones, the anomalous maps and a sample of the OK map pixels."""
     s = c.settings
     t = time.perf_counter()
     det = proto.with_model(None)
@@ -199,12 +200,12 @@ def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[i
             det.model = fitter(s.kind)(det, fit_idx, _layers(s), s,
                                        lambda stage, d, n: step(f"{c.name} {stage}", d, n))
             fitted[key] = (c.name, det.model)
-        ok = _scores(det, ok_idx)[0]
+        ok, ok_maps = _scores(det, ok_idx)
         bad, maps = _scores(det, bad_idx)
     except Exception as e:  # one candidate failing must not end the choice
         log.warning("auto candidate failed", candidate=c.name, error=str(e))
         c.skipped = f"{type(e).__name__}: {e}"
-        return
+        return None
     labels = np.r_[np.zeros(len(ok)), np.ones(len(bad))]
     c.image_auroc = metrics.auroc(labels, np.r_[ok, bad])
     c.pixel_auroc = metrics.pixel_auroc(masks, maps) if masks.any() else None
@@ -212,6 +213,60 @@ def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[i
     c.fit_seconds = round(time.perf_counter() - t, 2)
     log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),
              pixel_auroc=c.pixel_auroc and round(c.pixel_auroc, 4), seconds=c.fit_seconds)
+    return ok, bad, maps, ok_maps[:, ::PIXEL_STEP, ::PIXEL_STEP].reshape(-1)
+
+
+def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Outputs],
+              a: Any) -> Candidate | None:
+    """The calibrated ensemble of the best candidate and the best one with another fit on
+    the same backbone and geometry, judged on the same validation images: each member's
+    scores and maps as z against its OK validation scores (an OK image's own score left out
+    of the mean and spread it is measured against, so the ensemble is never judged on
+    statistics of the very image it scores), averaged. None if there is no such pair."""
+    t = time.perf_counter()
+    ranked = sorted((c for c in tried if c.name in outputs), key=lambda c: -c.choice)
+    if not ranked:
+        return None
+    first = ranked[0]
+    second = next((c for c in ranked[1:]
+                   if _group_key(c.settings) == _group_key(first.settings)
+                   and _fit_key(c.settings) != _fit_key(first.settings)
+                   and c.settings.scoring == first.settings.scoring), None)
+    if second is None:
+        return None
+    ok = bad = maps = None
+    for c in (first, second):
+        o, b, m, ok_pix, masks = outputs[c.name]
+        (mean, spread), (pix_mean, pix_std) = stats(o, ok_pix)
+        zo, zb = _loo_z(o, pix_std), (b - mean) / spread
+        zm = (m - pix_mean) / pix_std
+        ok, bad = (zo, zb) if ok is None else (ok + zo, bad + zb)
+        maps = zm if maps is None else maps + zm
+    members = [c.settings.model_dump(mode="json", exclude={"auto", "ensemble"})
+               for c in (first, second)]
+    settings = ModelSettings(**{**base.model_dump(mode="json", exclude={"auto", "ensemble"}),
+                                "kind": "ensemble", "ensemble": {"members": members}})
+    c = Candidate(f"ensemble ({first.name} + {second.name})", settings,
+                  shared_fit=f"{first.name} + {second.name}")
+    labels = np.r_[np.zeros(len(ok)), np.ones(len(bad))]
+    c.image_auroc = metrics.auroc(labels, np.r_[ok, bad])
+    c.pixel_auroc = metrics.pixel_auroc(masks, maps) if masks.any() else None
+    c.choice = c.image_auroc + a.pixel_weight * (c.pixel_auroc or 0.0)
+    # What fitting it costs: both members' fits (shared), and combining their scores.
+    c.fit_seconds = round(first.fit_seconds + second.fit_seconds + time.perf_counter() - t, 2)
+    log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),
+             pixel_auroc=c.pixel_auroc and round(c.pixel_auroc, 4), seconds=c.fit_seconds)
+    return c
+
+
+def _loo_z(x: np.ndarray, pixel_std: float) -> np.ndarray:
+    """Each value's z against the mean and (pooled) spread of the others, as an ensemble
+    normalises: `ensemble.fit.stats` on the n − 1 other held-out scores."""
+    x = x.astype(np.float64)
+    n = len(x)
+    mean = (x.sum() - x) / (n - 1)
+    sq_dev = ((x ** 2).sum() - x ** 2) - (n - 1) * mean ** 2
+    return (x - mean) / pooled_spread(np.clip(sq_dev, 0, None), n - 1, pixel_std)
 
 
 def _scores(det: Detector, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -176,11 +176,20 @@ class Detector:
 
     def score_features(self, feats: dict[str, torch.Tensor],
                        n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores [n] and smoothed maps [n, H, W] on the canvas from n images' features."""
+        """Scores [n] and smoothed maps [n, H, W] on the canvas from n images' features.
+        An ensemble's members each score as they would alone, then it combines them."""
+        members = getattr(self.model, "members", None)
+        if members is not None:
+            return self.model.combine([self.score_model(m, feats, n) for m in members])
+        return self.score_model(self.model, feats, n)
+
+    def score_model(self, model: AnomalyModel, feats: dict[str, torch.Tensor],
+                    n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (non-ensemble) model's scores [n] and smoothed maps [n, H, W]."""
         corners = self.geometry.tiles()
         with torch.inference_mode():
-            emb = self.model.embed(feats)
-            ps = self.model.patch_scores(emb)  # [B*T, h, w]
+            emb = model.embed(feats)
+            ps = model.patch_scores(emb)  # [B*T, h, w]
             up = F.interpolate(
                 ps[:, None], size=self.geometry.input_size, mode="bilinear", align_corners=False
             )[:, 0]
@@ -188,12 +197,12 @@ class Detector:
             if self.sigma > 0:
                 k = 2 * int(4.0 * self.sigma + 0.5) + 1
                 maps = gaussian_blur(maps[:, None], [k, k], [self.sigma, self.sigma])[:, 0]
-            if self.model.smoothed_image_score:
+            if model.smoothed_image_score:
                 scores = maps.flatten(1).amax(1)
             else:
                 b = n
                 flat_emb = emb.permute(0, 2, 3, 1).reshape(b, -1, emb.shape[1])
-                scores = self.model.image_scores(ps.reshape(b, -1), flat_emb)
+                scores = model.image_scores(ps.reshape(b, -1), flat_emb)
         return scores.float(), maps.float()
 
     def score_images(

@@ -33,7 +33,7 @@ from inspectd.models.features import (
     file_sha256,
     resolve_weights,
 )
-from inspectd.models.kinds import fitter, folder
+from inspectd.models.kinds import fitter, folder, layer_rule, normaliser
 from inspectd.models.preprocess import Geometry
 from inspectd.models.settings import ModelSettings
 
@@ -91,6 +91,14 @@ class CachedDetector(Detector):
         other = copy.copy(self)
         other.model = model
         return other
+
+
+def model_layers(s: ModelSettings) -> list[str]:
+    """The backbone layers a kind's fit reads (an ensemble: every member's)."""
+    rule = layer_rule(s.kind)
+    if rule is not None:
+        return rule(s)
+    return list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
 
 
 def _detector(s: ModelSettings, layers: list[str], weights: Path, items: Sequence[ImageInput],
@@ -168,6 +176,12 @@ def fit(
     cal = s.calibration
     crossfit = cal.mode == "crossfit" or (cal.mode == "auto"
                                            and len(train) <= cal.crossfit_max_images)
+    normalise = normaliser(s.kind)
+    if crossfit and normalise is not None:
+        # Its fold models would each need held-out OK images of their own to normalise on.
+        log.warning("calibrating on held-out OK images: this kind cannot be cross-fitted",
+                    kind=s.kind, mode=cal.mode)
+        crossfit = False
     if crossfit:
         if len(train) < 2:
             raise DataError(f"need at least 2 OK images to fit and cross-fit, got {len(train)}")
@@ -178,7 +192,7 @@ def fit(
         holdout = [train[i] for i in hold_idx]
 
     weights = resolve_weights(s.backbone.name, s.backbone.weights)
-    layers = list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
+    layers = model_layers(s)
     det = _detector(s, layers, weights, fit_items, cached=crossfit)
     geometry, spec = det.geometry, backbone_spec(s.backbone.name)
     items: Sequence[Any] = range(len(fit_items)) if crossfit else fit_items
@@ -195,6 +209,8 @@ def fit(
                                  f"({min(cal.folds, len(fit_items))} folds)", ng_scores)
     else:
         progress("calibration", 0, 1)
+        if normalise is not None:
+            normalise(det, holdout, s)
         calibration = calibrate(det, holdout, ng, s)
         progress("calibration", 1, 1)
 

@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from inspectd.core.errors import ConfigError
 from inspectd.core.settings import InspectdSettings, Section
 from inspectd.models.padim.settings import PadimSettings
 from inspectd.models.patchcore.settings import PatchCoreSettings
 
 # The kinds `models.kinds.KINDS` registers (a test keeps the two lists equal).
-ModelKind = Literal["patchcore", "padim", "orthoad"]
+ModelKind = Literal["patchcore", "padim", "orthoad", "ensemble"]
 BackboneName = Literal["efficientnet_lite0", "resnet18", "resnet50", "wide_resnet50_2"]
 
 
@@ -79,6 +80,16 @@ DEFAULT_CANDIDATES: list[dict[str, Any]] = [
 ]
 
 
+class EnsembleSettings(Section):
+    """`kind: ensemble`: members' scores and maps, each normalised by its own held-out OK
+    distribution, averaged."""
+
+    members: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{"kind": "patchcore"}, {"kind": "padim"}],
+        description="the member models' settings, each merged over this file's other "
+        "sections (at least two; no ensemble or auto among them)")
+
+
 class AutoSettings(Section):
     """`kind: auto`: the kind (and its options) chosen per SKU from OK images alone."""
 
@@ -98,6 +109,12 @@ class AutoSettings(Section):
     budget_s: float | None = Field(
         None, gt=0, description="stop trying candidates once this long has passed (the "
         "first is always tried); null = try them all")
+    ensemble: bool = Field(
+        True, description="also judge a calibrated ensemble of the two best candidates "
+        "(different fits); chosen only if it beats both of them by ensemble_margin")
+    ensemble_margin: float = Field(
+        0.01, ge=0.0, description="how much better (in choice) than its best member the "
+        "ensemble must be: it costs both members' inference")
 
 
 class ModelSettings(InspectdSettings):
@@ -113,9 +130,31 @@ class ModelSettings(InspectdSettings):
     scoring: ScoringSettings = ScoringSettings()
     calibration: CalibrationSettings = CalibrationSettings()
     runtime: RuntimeSettings = RuntimeSettings()
+    ensemble: EnsembleSettings = EnsembleSettings()
     auto: AutoSettings = AutoSettings()
 
     @field_validator("kind", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return v.lower() if isinstance(v, str) else v
+
+
+def merged(base: ModelSettings, spec: dict[str, Any], what: str) -> ModelSettings:
+    """A model's full settings from a partial spec (`kind` and any sections), merged over
+    `base`'s sections: an auto candidate, an ensemble member. `what` names it in errors."""
+    common = base.model_dump(exclude={"kind", "auto", "ensemble"})
+    try:
+        s = ModelSettings(**_merge(common, spec))
+    except Exception as e:
+        raise ConfigError(f"{what}: {e}") from None
+    if s.kind in ("auto", "ensemble"):
+        raise ConfigError(f"{what}: needs a single model kind (patchcore, padim, orthoad), "
+                          f"not {s.kind}")
+    return s
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
