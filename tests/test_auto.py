@@ -82,3 +82,15 @@ def test_fit_cli_prints_the_table_of_candidates(synth_root, tmp_path, run_cli):
                    "-o", "auto.candidates=[{kind: patchcore}, {kind: padim}]")
     assert "model choice" in proc.stdout and "pixel AUROC" in proc.stdout
     assert json.loads((tmp_path / "m" / "manifest.json").read_text())["auto"]["chosen"]
+
+
+def test_confirmed_ng_images_count_in_the_choice(synth_root):
+    ng = sorted(p for d in (synth_root / "object" / "test").iterdir() if d.name != "good"
+                for p in d.glob("*.png"))
+    cands = [{"name": "patchcore", "kind": "patchcore"}, BAD_PADIM]
+    _, plain = choose(_ok(synth_root), _auto(cands, ensemble=False))
+    _, with_ng = choose(_ok(synth_root), _auto(cands, ensemble=False), ng=ng)
+    assert with_ng["ng_images"] == len(ng) and "confirmed NG" in with_ng["rule"]
+    for a, b in zip(plain["candidates"], with_ng["candidates"], strict=True):
+        assert a["ng_auroc"] is None and 0.0 <= b["ng_auroc"] <= 1.0
+        assert b["choice"] == pytest.approx(a["choice"] + b["ng_auroc"])

@@ -100,7 +100,8 @@ def _candidate(name: str, kind: str, ok: np.ndarray, bad: np.ndarray,
     c.choice = c.image_auroc
     c.fit_seconds = 0.1
     maps = np.zeros((len(bad), 4, 4), np.float32)
-    outputs[name] = (ok, bad, maps, np.zeros(16, np.float32), np.zeros_like(maps, bool))
+    outputs[name] = (ok, bad, maps, np.zeros(16, np.float32), np.zeros(0),
+                     np.zeros_like(maps, bool))
     return c
 
 

@@ -74,12 +74,17 @@ def fit(
 
 def auto_table(report: dict[str, Any]) -> Table:
     """Every candidate of `--model auto`, the chosen one marked."""
-    table = Table("", "candidate", "kind", "image AUROC", "pixel AUROC", "choice", "fit s",
-                  "note", title=f"model choice ({report['rule']}; {report['seconds']:.0f} s)")
+    ng = bool(report.get("ng_images"))
+    table = Table("", "candidate", "kind", "image AUROC", "pixel AUROC",
+                  *(["NG AUROC"] if ng else []), "choice", "fit s", "note",
+                  title=f"model choice ({report['rule']}; {report['seconds']:.0f} s)")
     for c in report["candidates"]:
-        note = c["skipped"] or (f"fit shared with {c['shared_fit']}" if c["shared_fit"] else "")
+        shared = c["shared_fit"]
+        note = c["skipped"] or (("fits of " if c["kind"] == "ensemble" else "fit shared with ")
+                                + shared if shared else "")
         table.add_row("*" if c["name"] == report["chosen"] else "", c["name"], c["kind"],
-                      fmt(c["image_auroc"]), fmt(c["pixel_auroc"]), fmt(c["choice"]),
+                      fmt(c["image_auroc"]), fmt(c["pixel_auroc"]),
+                      *([fmt(c.get("ng_auroc"))] if ng else []), fmt(c["choice"]),
                       fmt(c["fit_seconds"]), note)
     return table
 

@@ -44,8 +44,9 @@ from inspectd.models.settings import ModelSettings, merged
 
 log = structlog.get_logger("inspectd.auto")
 Progress = Callable[[str, int, int], None]
-# A candidate's held-out OK scores, anomalous scores, anomalous maps, OK map pixels, masks.
-Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# A candidate's held-out OK scores, anomalous scores, anomalous maps, OK map pixels, NG
+# scores, masks.
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 PIXEL_STEP = 4  # OK map pixels kept for an ensemble's normalisation: every 4th per axis
 
 
@@ -55,7 +56,8 @@ class Candidate:
     settings: ModelSettings
     image_auroc: float | None = None
     pixel_auroc: float | None = None
-    choice: float | None = None  # image AUROC + pixel_weight × pixel AUROC
+    ng_auroc: float | None = None  # held-out OK vs operator-confirmed NG images, if any
+    choice: float | None = None  # image AUROC + pixel_weight × pixel AUROC (+ ng_weight × NG)
     fit_seconds: float | None = None
     shared_fit: str | None = None  # the candidate whose fit it reused
     skipped: str | None = None  # why it was not tried (budget, error)
@@ -103,8 +105,11 @@ def _group_key(s: ModelSettings) -> str:
 
 
 def choose(train: Sequence[ImageInput], base: ModelSettings,
-           progress: Progress | None = None) -> tuple[ModelSettings, dict[str, Any]]:
-    """The winning candidate's settings and a report of every candidate (for the manifest)."""
+           progress: Progress | None = None,
+           ng: Sequence[ImageInput] = ()) -> tuple[ModelSettings, dict[str, Any]]:
+    """The winning candidate's settings and a report of every candidate (for the manifest).
+    NG images (operator-confirmed defects) count too: each candidate also separates the
+    held-out OK images from them (`auto.ng_weight` × that AUROC)."""
     step = progress or (lambda *_: None)
     a = base.auto
     t0 = time.perf_counter()
@@ -118,6 +123,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
     fit_items = [train[i] for i in sorted(perm[n_val:])]
     val_images = load_images([train[i] for i in sorted(perm[:n_val])])
     anomalous = anomalies.make_one_each(val_images, base.seed, a.anomalies)
+    ng_images = load_images(ng)
 
     groups: dict[str, list[Candidate]] = {}
     for c in cands:
@@ -132,7 +138,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
         geometry = Geometry.from_settings(s0.preprocess)
         runtime = Runtime.select(s0.runtime.device, False, s0.runtime.channels_last)
         extractor = build_extractor(s0.backbone.name, layers, weights)
-        images = [*fit_items, *val_images, *(img for img, _, _ in anomalous)]
+        images = [*fit_items, *val_images, *(img for img, _, _ in anomalous), *ng_images]
         # float16: the features of every image, for every candidate, held at once.
         proto = CachedDetector(images, None, extractor, runtime, geometry, spec.mean,
                                spec.std, s0.scoring.sigma, batch_size=s0.runtime.batch_size,
@@ -142,7 +148,8 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
             step("auto features", min((i + 1) * proto.batch_size, len(images)), len(images))
         n_fit = len(fit_items)
         ok_idx = list(range(n_fit, n_fit + len(val_images)))
-        bad_idx = list(range(n_fit + len(val_images), len(images)))
+        bad_idx = list(range(n_fit + len(val_images), n_fit + 2 * len(val_images)))
+        ng_idx = list(range(n_fit + 2 * len(val_images), len(images)))
         masks = np.stack([geometry.mask_to_canvas(m) for _, m, _ in anomalous])
         for c in members:
             spent = time.perf_counter() - t0
@@ -150,7 +157,8 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
                     x.choice is not None for x in cands):
                 c.skipped = f"budget: {spent:.0f} s of {a.budget_s:.0f} s spent"
                 continue
-            out = _try(c, proto, list(range(n_fit)), ok_idx, bad_idx, masks, fitted, a, step)
+            out = _try(c, proto, list(range(n_fit)), ok_idx, bad_idx, ng_idx, masks, fitted,
+                       a, step)
             if out is not None:
                 outputs[c.name] = (*out, masks)
     tried = [c for c in cands if c.choice is not None]
@@ -166,9 +174,12 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
         "chosen": best.name,
         "rule": f"image AUROC + {a.pixel_weight} × pixel AUROC on {len(val_images)} held-out "
                 f"OK images and as many with synthetic anomalies ({', '.join(a.anomalies)})"
+                + (f" + {a.ng_weight} × AUROC against {len(ng_images)} confirmed NG images"
+                   if ng_images else "")
                 + (f"; the ensemble only if it beats both its members by "
                    f"{a.ensemble_margin}" if a.ensemble else ""),
         "validation_images": len(val_images), "fit_images": len(fit_items),
+        "ng_images": len(ng_images),
         "candidates": [c.row() for c in cands],
         "seconds": round(time.perf_counter() - t0, 2),
         "requested": base.model_dump(mode="json"),
@@ -179,10 +190,12 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
 
 
 def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[int],
-         bad_idx: list[int], masks: np.ndarray, fitted: dict[str, tuple[str, Any]], a: Any,
-         step: Progress) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+         bad_idx: list[int], ng_idx: list[int], masks: np.ndarray,
+         fitted: dict[str, tuple[str, Any]], a: Any, step: Progress,
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Fit (or reuse the fit of) candidate `c` and judge it; its scores of the held-out OK
-    images, of the anomalous ones, the anomalous maps and a sample of the OK map pixels."""
+    images, of the anomalous ones, the anomalous maps, a sample of the OK map pixels and
+    the scores of the NG images."""
     s = c.settings
     t = time.perf_counter()
     det = proto.with_model(None)
@@ -202,18 +215,29 @@ def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[i
             fitted[key] = (c.name, det.model)
         ok, ok_maps = _scores(det, ok_idx)
         bad, maps = _scores(det, bad_idx)
+        ngs = _scores(det, ng_idx)[0] if ng_idx else np.zeros(0, np.float32)
     except Exception as e:  # one candidate failing must not end the choice
         log.warning("auto candidate failed", candidate=c.name, error=str(e))
         c.skipped = f"{type(e).__name__}: {e}"
         return None
+    _judge(c, ok, bad, maps, masks, ngs, a)
+    c.fit_seconds = round(time.perf_counter() - t, 2)
+    log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),
+             pixel_auroc=c.pixel_auroc and round(c.pixel_auroc, 4), seconds=c.fit_seconds)
+    return ok, bad, maps, ok_maps[:, ::PIXEL_STEP, ::PIXEL_STEP].reshape(-1), ngs
+
+
+def _judge(c: Candidate, ok: np.ndarray, bad: np.ndarray, maps: np.ndarray,
+           masks: np.ndarray, ngs: np.ndarray, a: Any) -> None:
+    """A candidate's figures on the validation: synthetic anomalies (image, pixel) and the
+    confirmed NG images where there are some; the choice adds them up."""
     labels = np.r_[np.zeros(len(ok)), np.ones(len(bad))]
     c.image_auroc = metrics.auroc(labels, np.r_[ok, bad])
     c.pixel_auroc = metrics.pixel_auroc(masks, maps) if masks.any() else None
     c.choice = c.image_auroc + a.pixel_weight * (c.pixel_auroc or 0.0)
-    c.fit_seconds = round(time.perf_counter() - t, 2)
-    log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),
-             pixel_auroc=c.pixel_auroc and round(c.pixel_auroc, 4), seconds=c.fit_seconds)
-    return ok, bad, maps, ok_maps[:, ::PIXEL_STEP, ::PIXEL_STEP].reshape(-1)
+    if len(ngs):
+        c.ng_auroc = metrics.auroc(np.r_[np.zeros(len(ok)), np.ones(len(ngs))], np.r_[ok, ngs])
+        c.choice += a.ng_weight * c.ng_auroc
 
 
 def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Outputs],
@@ -234,13 +258,13 @@ def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Ou
                    and c.settings.scoring == first.settings.scoring), None)
     if second is None:
         return None
-    ok = bad = maps = None
+    ok = bad = maps = ngs = None
     for c in (first, second):
-        o, b, m, ok_pix, masks = outputs[c.name]
+        o, b, m, ok_pix, n, masks = outputs[c.name]
         (mean, spread), (pix_mean, pix_std) = stats(o, ok_pix)
-        zo, zb = _loo_z(o, pix_std), (b - mean) / spread
+        zo, zb, zn = _loo_z(o, pix_std), (b - mean) / spread, (n - mean) / spread
         zm = (m - pix_mean) / pix_std
-        ok, bad = (zo, zb) if ok is None else (ok + zo, bad + zb)
+        ok, bad, ngs = (zo, zb, zn) if ok is None else (ok + zo, bad + zb, ngs + zn)
         maps = zm if maps is None else maps + zm
     members = [c.settings.model_dump(mode="json", exclude={"auto", "ensemble"})
                for c in (first, second)]
@@ -248,10 +272,7 @@ def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Ou
                                 "kind": "ensemble", "ensemble": {"members": members}})
     c = Candidate(f"ensemble ({first.name} + {second.name})", settings,
                   shared_fit=f"{first.name} + {second.name}")
-    labels = np.r_[np.zeros(len(ok)), np.ones(len(bad))]
-    c.image_auroc = metrics.auroc(labels, np.r_[ok, bad])
-    c.pixel_auroc = metrics.pixel_auroc(masks, maps) if masks.any() else None
-    c.choice = c.image_auroc + a.pixel_weight * (c.pixel_auroc or 0.0)
+    _judge(c, ok, bad, maps, masks, ngs, a)
     # What fitting it costs: both members' fits (shared), and combining their scores.
     c.fit_seconds = round(first.fit_seconds + second.fit_seconds + time.perf_counter() - t, 2)
     log.info("auto candidate", candidate=c.name, image_auroc=round(c.image_auroc, 4),

@@ -166,7 +166,7 @@ def fit(
         from inspectd.models.auto import choose
 
         t0 = time.perf_counter()
-        chosen, report = choose(train, s, progress)
+        chosen, report = choose(train, s, progress, ng)
         det = fit(train, chosen, ng, progress)
         det.manifest["auto"] = report
         det.manifest["training"]["total_seconds"] = round(time.perf_counter() - t0, 2)

@@ -106,6 +106,9 @@ class AutoSettings(Section):
         description="synthetic anomaly kinds pasted into each held-out image")
     pixel_weight: float = Field(
         0.25, ge=0.0, description="choice = image AUROC + pixel_weight × pixel AUROC")
+    ng_weight: float = Field(
+        1.0, ge=0.0, description="with operator-confirmed NG images (`fit --ng`, refit's "
+        "labelled frames): + ng_weight × AUROC of held-out OK vs those")
     budget_s: float | None = Field(
         None, gt=0, description="stop trying candidates once this long has passed (the "
         "first is always tried); null = try them all")
