@@ -243,19 +243,25 @@ def _judge(c: Candidate, ok: np.ndarray, bad: np.ndarray, maps: np.ndarray,
 def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Outputs],
               a: Any) -> Candidate | None:
     """The calibrated ensemble of the best candidate and the best one with another fit on
-    the same backbone and geometry, judged on the same validation images: each member's
-    scores and maps as z against its OK validation scores (an OK image's own score left out
-    of the mean and spread it is measured against, so the ensemble is never judged on
-    statistics of the very image it scores), averaged. None if there is no such pair."""
+    the same backbone and geometry (of another model family if there is one), judged on the
+    same validation images: each member's scores and maps as z against its OK validation
+    scores (an OK image's own score left out of the mean and spread it is measured against,
+    so the ensemble is never judged on statistics of the very image it scores), averaged.
+    None if there is no such pair."""
     t = time.perf_counter()
     ranked = sorted((c for c in tried if c.name in outputs), key=lambda c: -c.choice)
     if not ranked:
         return None
     first = ranked[0]
-    second = next((c for c in ranked[1:]
-                   if _group_key(c.settings) == _group_key(first.settings)
-                   and _fit_key(c.settings) != _fit_key(first.settings)
-                   and c.settings.scoring == first.settings.scoring), None)
+    partners = [c for c in ranked[1:]
+                if _group_key(c.settings) == _group_key(first.settings)
+                and _fit_key(c.settings) != _fit_key(first.settings)
+                and c.settings.scoring == first.settings.scoring]
+    # Rather a model of another family (PatchCore beside PaDiM/OrthoAD): members that err
+    # alike gain nothing from averaging.
+    model = KINDS[first.settings.kind].model
+    second = next((c for c in partners if KINDS[c.settings.kind].model is not model),
+                  partners[0] if partners else None)
     if second is None:
         return None
     ok = bad = maps = ngs = None

@@ -78,7 +78,7 @@ def _sums(det: Detector, items: Sequence[ImageInput], params: dict[str, Any],
             s1 = torch.zeros(e.shape[0], e.shape[2], dtype=torch.float64)
             s2 = torch.zeros(e.shape[0], e.shape[2], e.shape[2], dtype=torch.float64)
         s1 += e.sum(1)
-        s2 += torch.einsum("pbk,pbl->pkl", e, e)
+        s2.baddbmm_(e.transpose(1, 2), e)  # in place: s2 is P·k² doubles (330 MB at 64²)
         count += e.shape[1]
         progress("features", min((i + 1) * det.batch_size, len(items)), len(items))
     return s1, s2, count
@@ -89,10 +89,11 @@ def _gaussians(sums: tuple[torch.Tensor, torch.Tensor, int], wmat: torch.Tensor,
     s1, s2, count = sums
     if count < 2:
         raise DataError("PaDiM needs at least 2 OK images (or tiles) to estimate covariances")
-    k = s1.shape[1]
     mean = s1 / count
-    cov = (s2 - count * torch.einsum("pk,pl->pkl", mean, mean)) / (count - 1)
-    cov += s.padim.eps * torch.eye(k, dtype=torch.float64)
+    # In place on one copy (the sums stay for cross-fitting's fold models): a P×k×k double
+    # tensor is 330 MB at 64×64 positions, and each temporary cost a pass over it.
+    cov = s2.clone().baddbmm_(mean[:, :, None], mean[:, None, :], alpha=-count)
+    cov.div_(count - 1).diagonal(dim1=1, dim2=2).add_(s.padim.eps)
     inv = torch.linalg.inv(cov)
     inv = inv.half() if s.padim.fp16 else inv.float()
     return Padim(wmat, mean.float(), inv, params)
