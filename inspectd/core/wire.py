@@ -79,9 +79,6 @@ class FrameHeader:
     origin: str | None = None  # file path, camera serial, stream URL … for the audit log
     v: int = VERSION
 
-    def as_dict(self) -> dict[str, Any]:
-        return _fields(self)
-
     def encode(self) -> bytes:
         return json.dumps(_fields(self), separators=(",", ":")).encode()
 

@@ -28,16 +28,15 @@ import torch
 from inspectd.core.errors import ConfigError, DataError
 from inspectd.models import anomalies, metrics
 from inspectd.models.detector import Detector, ImageInput, batched, load_images
-from inspectd.models.ensemble.fit import stats
+from inspectd.models.ensemble.fit import PIXEL_STEP, stats
 from inspectd.models.ensemble.model import pooled_spread
 from inspectd.models.features import (
     Runtime,
     backbone_spec,
     build_extractor,
-    default_layers,
     resolve_weights,
 )
-from inspectd.models.fitting import CachedDetector
+from inspectd.models.fitting import CachedDetector, model_layers
 from inspectd.models.kinds import KINDS, fitter
 from inspectd.models.preprocess import Geometry
 from inspectd.models.settings import ModelSettings, merged
@@ -47,7 +46,6 @@ Progress = Callable[[str, int, int], None]
 # A candidate's held-out OK scores, anomalous scores, anomalous maps, OK map pixels, NG
 # scores, masks.
 Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-PIXEL_STEP = 4  # OK map pixels kept for an ensemble's normalisation: every 4th per axis
 
 
 @dataclass
@@ -79,10 +77,6 @@ def candidates(base: ModelSettings) -> list[Candidate]:
     if not out:
         raise ConfigError("auto.candidates: no candidates")
     return out
-
-
-def _layers(s: ModelSettings) -> list[str]:
-    return list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
 
 
 def _section(s: ModelSettings) -> str:
@@ -132,7 +126,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
     outputs: dict[str, Outputs] = {}  # candidate → its scores and maps on the validation
     for members in groups.values():
         s0 = members[0].settings
-        layers = sorted({layer for c in members for layer in _layers(c.settings)})
+        layers = sorted({layer for c in members for layer in model_layers(c.settings)})
         weights = resolve_weights(s0.backbone.name, s0.backbone.weights)
         spec = backbone_spec(s0.backbone.name)
         geometry = Geometry.from_settings(s0.preprocess)
@@ -210,7 +204,7 @@ def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[i
             det.model = type(model).from_tensors(model.tensors(), params)
             c.shared_fit = source
         else:
-            det.model = fitter(s.kind)(det, fit_idx, _layers(s), s,
+            det.model = fitter(s.kind)(det, fit_idx, model_layers(s), s,
                                        lambda stage, d, n: step(f"{c.name} {stage}", d, n))
             fitted[key] = (c.name, det.model)
         ok, ok_maps = _scores(det, ok_idx)

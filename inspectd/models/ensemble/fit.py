@@ -12,8 +12,7 @@ import torch
 from inspectd.core.errors import ConfigError
 from inspectd.models.detector import Detector, ImageInput, batched
 from inspectd.models.ensemble.model import Ensemble, pooled_spread
-from inspectd.models.features import default_layers
-from inspectd.models.fitting import Progress
+from inspectd.models.fitting import Progress, model_layers
 from inspectd.models.kinds import fitter
 from inspectd.models.settings import ModelSettings, merged
 
@@ -38,15 +37,11 @@ def members(s: ModelSettings) -> list[ModelSettings]:
     return out
 
 
-def member_layers(s: ModelSettings) -> list[str]:
-    return list(s.backbone.layers or default_layers(s.backbone.name, s.kind))
-
-
 def layers(s: ModelSettings) -> list[str]:
     """Every member's layers, in order: the backbone runs once for all of them."""
     out: list[str] = []
     for m in members(s):
-        out += [layer for layer in member_layers(m) if layer not in out]
+        out += [layer for layer in model_layers(m) if layer not in out]
     return out
 
 
@@ -56,7 +51,7 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
     for i, m in enumerate(members(s)):
         torch.manual_seed(m.seed)
         fitted.append(fitter(m.kind)(
-            det, items, member_layers(m), m,
+            det, items, model_layers(m), m,
             lambda stage, d, n, i=i, kind=m.kind: progress(f"member {i + 1} ({kind}) {stage}",
                                                            d, n)))
     return Ensemble.build(fitted)
