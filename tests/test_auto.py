@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from inspectd.core.errors import ConfigError
 from inspectd.models import fit, load
@@ -36,7 +37,7 @@ BAD_PATCHCORE = {"name": "patchcore, coarse", "kind": "patchcore",
     ([BAD_PATCHCORE, {"name": "padim", "kind": "padim"}], "padim"),
 ], ids=["patchcore-is-right", "padim-is-right"])
 def test_auto_chooses_the_candidate_that_finds_the_anomalies(synth_root, candidates, right):
-    chosen, report = choose(_ok(synth_root), _auto(candidates))
+    chosen, report, _ = choose(_ok(synth_root), _auto(candidates))
     assert report["chosen"] == right and chosen.kind == right
     rows = {c["name"]: c for c in report["candidates"]}
     assert rows[right]["choice"] > min(c["choice"] for c in rows.values())
@@ -61,8 +62,44 @@ def test_the_artifact_records_the_choice_and_scores_like_its_kind(synth_root, tm
         0].score
 
 
+@pytest.mark.parametrize("candidate", [{"name": "padim", "kind": "padim"},
+                                       {"name": "patchcore", "kind": "patchcore"}])
+def test_the_final_fit_from_the_choices_features_is_the_kinds_own_fit(synth_root, candidate):
+    """The winner is fitted on the backbone features model choice already computed: the
+    same model, thresholds and scores as fitting its settings directly (float tolerance:
+    the features came in other batches)."""
+    auto = fit(_ok(synth_root), _auto([candidate], ensemble=False))
+    plain = fit(_ok(synth_root), ModelSettings(**auto.manifest["settings"]))
+    assert auto.manifest["training"]["fit_images"] == plain.manifest["training"]["fit_images"]
+    assert auto.threshold == pytest.approx(plain.threshold, rel=1e-4)
+    assert auto.pixel_threshold == pytest.approx(plain.pixel_threshold, rel=1e-4)
+    for name, t in plain.model.tensors().items():
+        assert torch.allclose(auto.model.tensors()[name].float(), t.float(), rtol=1e-3,
+                              atol=1e-4), name
+    probe = _ok(synth_root)[:3]
+    assert [p.score for p in auto.predict(probe)] == pytest.approx(
+        [p.score for p in plain.predict(probe)], rel=1e-4)
+
+
+def test_an_ensemble_final_fit_normalises_on_the_choices_features(synth_root):
+    """Chosen, the ensemble is fitted from the choice's features too: its members are
+    normalised on the held-out images from the cache, as a direct fit does from files."""
+    from inspectd.models.fitting import _fit
+
+    train = _ok(synth_root)
+    _, _, features = choose(train, _auto([{"name": "patchcore", "kind": "patchcore"},
+                                          {"name": "padim", "kind": "padim"}]))
+    ens = ModelSettings(kind="ensemble", **SMALL)
+    reused = _fit(train, ens, [], lambda *_: None, features)
+    plain = fit(train, ens)
+    assert reused.threshold == pytest.approx(plain.threshold, rel=1e-4)
+    probe = train[:3]
+    assert [p.score for p in reused.predict(probe)] == pytest.approx(
+        [p.score for p in plain.predict(probe)], rel=1e-4, abs=1e-5)
+
+
 def test_the_budget_stops_trying_candidates_but_always_tries_one(synth_root):
-    _, report = choose(_ok(synth_root), _auto([{"name": "a", "kind": "padim"},
+    _, report, _ = choose(_ok(synth_root), _auto([{"name": "a", "kind": "padim"},
                                               {"name": "b", "kind": "orthoad"}],
                                              budget_s=0.001))
     a, b = report["candidates"]
@@ -88,8 +125,8 @@ def test_confirmed_ng_images_count_in_the_choice(synth_root):
     ng = sorted(p for d in (synth_root / "object" / "test").iterdir() if d.name != "good"
                 for p in d.glob("*.png"))
     cands = [{"name": "patchcore", "kind": "patchcore"}, BAD_PADIM]
-    _, plain = choose(_ok(synth_root), _auto(cands, ensemble=False))
-    _, with_ng = choose(_ok(synth_root), _auto(cands, ensemble=False), ng=ng)
+    _, plain, _ = choose(_ok(synth_root), _auto(cands, ensemble=False))
+    _, with_ng, _ = choose(_ok(synth_root), _auto(cands, ensemble=False), ng=ng)
     assert with_ng["ng_images"] == len(ng) and "confirmed NG" in with_ng["rule"]
     for a, b in zip(plain["candidates"], with_ng["candidates"], strict=True):
         assert a["ng_auroc"] is None and 0.0 <= b["ng_auroc"] <= 1.0

@@ -114,7 +114,7 @@ def test_the_ensemble_wins_only_where_it_beats_both_members():
     out: dict = {}
     tried = [_candidate("patchcore", "patchcore", ok_a, bad_a, out),
              _candidate("padim", "padim", ok_b, bad_b, out)]
-    ens = _ensemble(ModelSettings(), tried, out, AutoSettings(pixel_weight=0))
+    ens = _ensemble(tried, out, AutoSettings(pixel_weight=0))
     assert ens is not None and ens.choice > max(c.choice for c in tried)
     assert ens.settings.kind == "ensemble"
     assert [m["kind"] for m in ens.settings.ensemble.members] == ["patchcore", "padim"]
@@ -122,7 +122,7 @@ def test_the_ensemble_wins_only_where_it_beats_both_members():
     out = {}
     tried = [_candidate("patchcore", "patchcore", ok_a, rng.normal(3, 1, 30), out),
              _candidate("padim", "padim", ok_b, rng.normal(50, 10, 30), out)]
-    ens = _ensemble(ModelSettings(), tried, out, AutoSettings(pixel_weight=0))
+    ens = _ensemble(tried, out, AutoSettings(pixel_weight=0))
     assert ens is not None and ens.choice < max(c.choice for c in tried)
 
 
@@ -132,12 +132,12 @@ def test_two_ways_to_score_one_fit_make_no_ensemble():
     a = _candidate("patchcore", "patchcore", rng.normal(0, 1, 9), rng.normal(3, 1, 9), out)
     b = _candidate("patchcore topk", "patchcore", rng.normal(0, 1, 9), rng.normal(3, 1, 9), out)
     b.settings = ModelSettings(kind="patchcore", patchcore={"image_score": "topk"})
-    assert _ensemble(ModelSettings(), [a, b], out, AutoSettings()) is None
+    assert _ensemble([a, b], out, AutoSettings()) is None
 
 
 def test_auto_reports_the_ensemble_and_chooses_it_only_above_its_members(synth_root):
     paths = [s.path for s in train_samples(synth_root, "object")]
-    chosen, report = choose(paths, ModelSettings(
+    chosen, report, _ = choose(paths, ModelSettings(
         kind="auto", **SMALL, auto={"min_validation": 4, "candidates": [
             {"name": "patchcore", "kind": "patchcore"}, {"name": "padim", "kind": "padim"}]}))
     rows = {c["name"]: c for c in report["candidates"]}

@@ -10,8 +10,10 @@ winner is then fitted on every OK image as `inspectd fit` would, and the manifes
 the choice with every candidate's figures and time.
 
 Cost: the backbone runs once over the OK and anomalous images for all candidates that share
-it (features are kept, as float16), candidates that differ only in how they score share one
-fit, and the final fit runs the winner's backbone once more. Imported only when fitting.
+it (features are kept: float32 up to FP32_CACHE_BYTES, else float16), candidates that differ
+only in how they score share one fit, and the final fit reuses the float32 features (it runs
+the backbone again only for float16 ones, and for the bf16 check). Imported only when
+fitting.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from inspectd.core.errors import ConfigError, DataError
 from inspectd.models import anomalies, metrics
-from inspectd.models.detector import Detector, ImageInput, batched, load_images
+from inspectd.models.detector import ImageInput, batched, load_images
 from inspectd.models.ensemble.fit import PIXEL_STEP, stats
 from inspectd.models.ensemble.model import pooled_spread
 from inspectd.models.features import (
@@ -36,13 +38,16 @@ from inspectd.models.features import (
     build_extractor,
     resolve_weights,
 )
-from inspectd.models.fitting import CachedDetector, model_layers
+from inspectd.models.fitting import CachedDetector, cached_scores, model_layers
 from inspectd.models.kinds import KINDS, fitter
 from inspectd.models.preprocess import Geometry
 from inspectd.models.settings import ModelSettings, merged
 
 log = structlog.get_logger("inspectd.auto")
 Progress = Callable[[str, int, int], None]
+# Backbone features of images by index: what CachedDetector keeps.
+Features = dict[int, dict[str, torch.Tensor]]
+FP32_CACHE_BYTES = 1 << 30
 # A candidate's held-out OK scores, anomalous scores, anomalous maps, OK map pixels, NG
 # scores, masks.
 Outputs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -99,9 +104,11 @@ def _group_key(s: ModelSettings) -> str:
 
 
 def choose(train: Sequence[ImageInput], base: ModelSettings,
-           progress: Progress | None = None,
-           ng: Sequence[ImageInput] = ()) -> tuple[ModelSettings, dict[str, Any]]:
-    """The winning candidate's settings and a report of every candidate (for the manifest).
+           progress: Progress | None = None, ng: Sequence[ImageInput] = (),
+           ) -> tuple[ModelSettings, dict[str, Any], Features | None]:
+    """The winning candidate's settings, a report of every candidate (for the manifest),
+    and the backbone features of every training image by its index in `train` where they
+    were kept in float32 (the final fit reuses them), else None.
     NG images (operator-confirmed defects) count too: each candidate also separates the
     held-out OK images from them (`auto.ng_weight` × that AUROC)."""
     step = progress or (lambda *_: None)
@@ -124,7 +131,10 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
         groups.setdefault(_group_key(c.settings), []).append(c)
     fitted: dict[str, tuple[str, Any]] = {}  # fit key → (candidate name, model)
     outputs: dict[str, Outputs] = {}  # candidate → its scores and maps on the validation
-    for members in groups.values():
+    # proto index → train index, for the features the final fit can reuse
+    in_train = [int(i) for i in (*sorted(perm[n_val:]), *sorted(perm[:n_val]))]
+    kept: dict[str, Features] = {}  # group key → its float32 features of train images
+    for key, members in groups.items():
         s0 = members[0].settings
         layers = sorted({layer for c in members for layer in model_layers(c.settings)})
         weights = resolve_weights(s0.backbone.name, s0.backbone.weights)
@@ -133,10 +143,15 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
         runtime = Runtime.select(s0.runtime.device, False, s0.runtime.channels_last)
         extractor = build_extractor(s0.backbone.name, layers, weights)
         images = [*fit_items, *val_images, *(img for img, _, _ in anomalous), *ng_images]
-        # float16: the features of every image, for every candidate, held at once.
+        # The features of every image, for every candidate, held at once: float32 (the
+        # final fit reuses them) where they fit in FP32_CACHE_BYTES, else float16.
+        h, w = geometry.input_size
+        per_image = 4 * len(geometry.tiles()) * sum(
+            int(np.prod(shape)) for shape in extractor.shapes(h, w).values())
+        fp32 = per_image * len(images) <= FP32_CACHE_BYTES
         proto = CachedDetector(images, None, extractor, runtime, geometry, spec.mean,
                                spec.std, s0.scoring.sigma, batch_size=s0.runtime.batch_size,
-                               dtype=torch.float16)
+                               dtype=torch.float32 if fp32 else torch.float16)
         for i, chunk in enumerate(batched(range(len(images)), proto.batch_size)):
             proto.image_features(chunk)
             step("auto features", min((i + 1) * proto.batch_size, len(images)), len(images))
@@ -155,12 +170,14 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
                        a, step)
             if out is not None:
                 outputs[c.name] = (*out, masks)
+        if fp32:
+            kept[key] = {t: proto.cache[j] for j, t in enumerate(in_train)}
     tried = [c for c in cands if c.choice is not None]
     if not tried:
         raise DataError("auto: no candidate could be fitted: "
                         + "; ".join(f"{c.name}: {c.skipped}" for c in cands))
     best = max(tried, key=lambda c: c.choice)
-    if a.ensemble and (ens := _ensemble(base, tried, outputs, a)) is not None:
+    if a.ensemble and (ens := _ensemble(tried, outputs, a)) is not None:
         cands.append(ens)
         if ens.choice >= best.choice + a.ensemble_margin:
             best = ens
@@ -180,7 +197,7 @@ def choose(train: Sequence[ImageInput], base: ModelSettings,
     }
     log.info("auto chose", chosen=best.name, choice=round(best.choice, 4),
              seconds=report["seconds"])
-    return best.settings, report
+    return best.settings, report, kept.get(_group_key(best.settings))
 
 
 def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[int],
@@ -207,9 +224,9 @@ def _try(c: Candidate, proto: CachedDetector, fit_idx: list[int], ok_idx: list[i
             det.model = fitter(s.kind)(det, fit_idx, model_layers(s), s,
                                        lambda stage, d, n: step(f"{c.name} {stage}", d, n))
             fitted[key] = (c.name, det.model)
-        ok, ok_maps = _scores(det, ok_idx)
-        bad, maps = _scores(det, bad_idx)
-        ngs = _scores(det, ng_idx)[0] if ng_idx else np.zeros(0, np.float32)
+        ok, ok_maps = cached_scores(det, ok_idx)
+        bad, maps = cached_scores(det, bad_idx)
+        ngs = cached_scores(det, ng_idx)[0] if ng_idx else np.zeros(0, np.float32)
     except Exception as e:  # one candidate failing must not end the choice
         log.warning("auto candidate failed", candidate=c.name, error=str(e))
         c.skipped = f"{type(e).__name__}: {e}"
@@ -234,7 +251,7 @@ def _judge(c: Candidate, ok: np.ndarray, bad: np.ndarray, maps: np.ndarray,
         c.choice += a.ng_weight * c.ng_auroc
 
 
-def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Outputs],
+def _ensemble(tried: list[Candidate], outputs: dict[str, Outputs],
               a: Any) -> Candidate | None:
     """The calibrated ensemble of the best candidate and the best one with another fit on
     the same backbone and geometry (of another model family if there is one), judged on the
@@ -268,7 +285,9 @@ def _ensemble(base: ModelSettings, tried: list[Candidate], outputs: dict[str, Ou
         maps = zm if maps is None else maps + zm
     members = [c.settings.model_dump(mode="json", exclude={"auto", "ensemble"})
                for c in (first, second)]
-    settings = ModelSettings(**{**base.model_dump(mode="json", exclude={"auto", "ensemble"}),
+    # Backbone, geometry and runtime as its members' (their candidates may set their own).
+    settings = ModelSettings(**{**first.settings.model_dump(mode="json",
+                                                            exclude={"auto", "ensemble"}),
                                 "kind": "ensemble", "ensemble": {"members": members}})
     c = Candidate(f"ensemble ({first.name} + {second.name})", settings,
                   shared_fit=f"{first.name} + {second.name}")
@@ -288,12 +307,3 @@ def _loo_z(x: np.ndarray, pixel_std: float) -> np.ndarray:
     mean = (x.sum() - x) / (n - 1)
     sq_dev = ((x ** 2).sum() - x ** 2) - (n - 1) * mean ** 2
     return (x - mean) / pooled_spread(np.clip(sq_dev, 0, None), n - 1, pixel_std)
-
-
-def _scores(det: Detector, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    scores, maps = [], []
-    for chunk in batched(idx, det.batch_size):
-        s, m = det.score_features(det.image_features(chunk), len(chunk))
-        scores.append(s.numpy())
-        maps.append(m.numpy())
-    return np.concatenate(scores), np.concatenate(maps)

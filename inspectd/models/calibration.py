@@ -35,10 +35,12 @@ def split_ok(n: int, settings: ModelSettings) -> tuple[np.ndarray, np.ndarray]:
 
 
 def calibrate(
-    det: Detector, holdout: Sequence[ImageInput], ng: Sequence[ImageInput], s: ModelSettings
+    det: Detector, holdout: Sequence[ImageInput], ng: Sequence[ImageInput], s: ModelSettings,
+    ok: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Thresholds from OK images the model did not see (`holdout`), and the bf16 check."""
-    ok_scores, ok_maps, _ = det.score_images(load_images(holdout))
+    """Thresholds from OK images the model did not see (`holdout`; their scores and maps
+    `ok` where the caller has them), and the bf16 check."""
+    ok_scores, ok_maps = ok if ok is not None else det.score_images(load_images(holdout))[:2]
     return thresholds(det, ok_scores, ok_maps, ng, s, holdout,
                       f"{len(ok_scores)} held-out OK scores")
 

@@ -151,6 +151,16 @@ def _crossfit(det: CachedDetector, n: int, layers: list[str], s: ModelSettings,
     return scores, np.concatenate(pixels), ng_scores if len(ng) else None
 
 
+def cached_scores(det: CachedDetector, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and canvas maps of images by their index in the detector's cache."""
+    scores, maps = [], []
+    for chunk in batched(idx, det.batch_size):
+        sc, m = det.score_features(det.image_features(chunk), len(chunk))
+        scores.append(sc.numpy())
+        maps.append(m.numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
 def fit(
     train: Sequence[ImageInput] | str | Path,
     settings: ModelSettings | None = None,
@@ -166,11 +176,19 @@ def fit(
         from inspectd.models.auto import choose
 
         t0 = time.perf_counter()
-        chosen, report = choose(train, s, progress, ng)
-        det = fit(train, chosen, ng, progress)
+        chosen, report, features = choose(train, s, progress, ng)
+        det = _fit(train, chosen, ng, progress, features)
         det.manifest["auto"] = report
         det.manifest["training"]["total_seconds"] = round(time.perf_counter() - t0, 2)
         return det
+    return _fit(train, s, ng, progress, None)
+
+
+def _fit(train: list[ImageInput], s: ModelSettings, ng: list[ImageInput], progress: Progress,
+         features: dict[int, dict[str, torch.Tensor]] | None) -> Detector:
+    """`fit` of one kind; `features`: every training image's backbone features by its index
+    in `train`, where model choice already computed them (float32, the same backbone and
+    geometry), so the backbone runs only for the bf16 check."""
     torch.manual_seed(s.seed)
     t_start = time.perf_counter()
     cal = s.calibration
@@ -193,9 +211,15 @@ def fit(
 
     weights = resolve_weights(s.backbone.name, s.backbone.weights)
     layers = model_layers(s)
-    det = _detector(s, layers, weights, fit_items, cached=crossfit)
+    det = _detector(s, layers, weights, train if features else fit_items,
+                    cached=crossfit or bool(features))
     geometry, spec = det.geometry, backbone_spec(s.backbone.name)
-    items: Sequence[Any] = range(len(fit_items)) if crossfit else fit_items
+    items: Sequence[Any] = fit_items
+    if features:
+        det.cache.update(features)
+        items = range(len(train)) if crossfit else [int(i) for i in fit_idx]
+    elif crossfit:
+        items = range(len(fit_items))
     det.model = fitter(s.kind)(det, items, layers, s, progress)
     fit_seconds = time.perf_counter() - t_start
     if crossfit:
@@ -209,9 +233,14 @@ def fit(
                                  f"({min(cal.folds, len(fit_items))} folds)", ng_scores)
     else:
         progress("calibration", 0, 1)
+        held: Sequence[Any] = [int(i) for i in hold_idx] if features else holdout
         if normalise is not None:
-            normalise(det, holdout, s)
-        calibration = calibrate(det, holdout, ng, s)
+            normalise(det, held, s)
+        ok = None
+        if features:
+            ok = cached_scores(det, held)
+            det.cache.clear()
+        calibration = calibrate(det, holdout, ng, s, ok)
         progress("calibration", 1, 1)
 
     h, w = geometry.input_size
