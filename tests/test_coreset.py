@@ -131,3 +131,27 @@ def test_non_finite_features_raise() -> None:
     x[3, 2] = float("nan")
     with pytest.raises(DataError):
         ApproximateGreedyCoreset(0.1).run(x)
+
+
+def test_patch_embedding_border_zeros_shrinks_only_the_edge_and_old_artifacts_keep_inside():
+    """`border: zeros` (the default) averages the zero padding at the map's edge; artifacts
+    fitted before the setting existed have no `border` and keep averaging inside only."""
+    import torch
+
+    from inspectd.models.patchcore.model import PatchCore, embed_patches
+
+    feats = {"a": torch.ones(1, 2, 6, 6), "b": torch.ones(1, 3, 3, 3)}
+    zeros = embed_patches(feats, ["a", "b"], 3, 1024, "zeros")
+    inside = embed_patches(feats, ["a", "b"], 3, 1024, "inside")
+    assert zeros.shape == inside.shape == (1, 5, 6, 6)
+    assert torch.equal(inside, torch.ones_like(inside))
+    assert torch.equal(zeros[0, 0, 1:-1, 1:-1], torch.ones(4, 4))  # inside: untouched
+    assert zeros[0, 0, 0, 0].item() == pytest.approx(4 / 9)  # a corner: 4 of 9 cells
+    assert zeros[0, 0, 0, 2].item() == pytest.approx(6 / 9)  # an edge: 6 of 9
+
+    params = {"layers": ["a", "b"], "neighbourhood": 3, "target_dim": 1024,
+              "num_neighbours": 1, "image_score": "max", "topk": 1}
+    old = PatchCore(torch.zeros(4, 5), params)
+    assert torch.equal(old.embed(feats), inside)
+    assert torch.equal(PatchCore(torch.zeros(4, 5), {**params, "border": "zeros"}).embed(feats),
+                       zeros)

@@ -28,7 +28,7 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
     params: dict[str, Any] = {"layers": layers, **p.model_dump()}
     h, w = det.geometry.input_size
     probe = embed_patches(det.extractor.dry_run(h, w), params["layers"],
-                          p.neighbourhood, p.target_dim)
+                          p.neighbourhood, p.target_dim, p.border)
     _, dim, ph, pw = probe.shape
     per_image = len(det.geometry.tiles()) * ph * pw
     n = len(items) * per_image
@@ -39,7 +39,7 @@ def fit_model(det: Detector, items: Sequence[ImageInput], layers: list[str], s: 
         row = 0
         for i, chunk in enumerate(batched(items, det.batch_size)):
             emb = embed_patches(det.image_features(chunk), params["layers"],
-                                p.neighbourhood, p.target_dim)
+                                p.neighbourhood, p.target_dim, p.border)
             rows = emb.permute(0, 2, 3, 1).reshape(-1, dim).numpy()
             buf[row : row + len(rows)] = rows
             row += len(rows)

@@ -15,6 +15,9 @@ class PatchCoreSettings(Section):
     coreset_proj_dim: int = Field(128, gt=0, description="random projection dim for greedy")
     target_dim: int = Field(1024, gt=0, description="feature dim (channel pooling above it)")
     neighbourhood: int = Field(3, ge=1, description="local aggregation window (patch size)")
+    border: Literal["zeros", "inside"] = Field(
+        "zeros", description="aggregation at the map's edge: zeros = the window averages the "
+        "zero padding too (the paper's code, anomalib), inside = only the map's own cells")
     num_neighbours: int = Field(9, ge=1, description="bank neighbours for score reweighting")
     image_score: Literal["max", "topk"] = Field("max", description="patch score reduction")
     topk: int = Field(10, ge=1, description="patches averaged when image_score=topk")
