@@ -276,16 +276,53 @@ def cpu_seconds(pids: list[int]) -> dict[int, float]:
     return out
 
 
-def role_cpu(before: dict[int, float], after: dict[int, float], log_path: Path,
-             own: tuple[float, float], seconds: float) -> dict[str, float]:
-    """Cores used per role over `seconds` (CPU s / s): the daemon's processes named by the
-    supervisor's "started" log lines, and this process (the PLC server, the RSS sampler)."""
+def context_switches(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(voluntary, involuntary) context switches of each process so far, over its threads:
+    wake-ups after waiting, and preemptions (/proc/<pid>/task/*/status)."""
+    out = {}
+    for p in pids:
+        vol = invol = 0
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    for line in (task / "status").read_text().splitlines():
+                        if line.startswith("voluntary_ctxt_switches"):
+                            vol += int(line.split()[1])
+                        elif line.startswith("nonvoluntary_ctxt_switches"):
+                            invol += int(line.split()[1])
+            out[p] = (vol, invol)
+    return out
+
+
+def role_labels(log_path: Path) -> dict[int, str]:
+    """pid → role, from the supervisor's "started" log lines."""
     label = {}
     for text in log_path.read_text().splitlines():
         with contextlib.suppress(ValueError):
             e = json.loads(text)
             if e.get("event") == "started" and "pid" in e:
                 label[int(e["pid"])] = str(e["child"]).split(":")[0]
+    return label
+
+
+def role_switches(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                  log_path: Path, seconds: float) -> dict[str, dict[str, float]]:
+    """Per role, per second: wake-ups (voluntary switches) and preemptions."""
+    label = role_labels(log_path)
+    out: dict[str, dict[str, float]] = {}
+    for p, (vol, invol) in after.items():
+        v0, i0 = before.get(p, (0, 0))
+        r = out.setdefault(label.get(p, "supervisor"), {"wakeups": 0.0, "preempted": 0.0})
+        r["wakeups"] += round((vol - v0) / seconds)
+        r["preempted"] += round((invol - i0) / seconds)
+    return out
+
+
+def role_cpu(before: dict[int, float], after: dict[int, float], log_path: Path,
+             own: tuple[float, float], seconds: float) -> dict[str, float]:
+    """Cores used per role over `seconds` (CPU s / s): the daemon's processes named by the
+    supervisor's "started" log lines, and this process (the PLC server, the RSS sampler)."""
+    label = role_labels(log_path)
     used: Counter[str] = Counter()
     for p, t in after.items():
         used[label.get(p, "supervisor")] += (t - before.get(p, 0.0)) / seconds
@@ -360,6 +397,7 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
     log_path = work / "daemon.log"
     rss: list[tuple[float, int]] = []
     cpu0: dict[int, float] = {}
+    sw0: dict[int, tuple[int, int]] = {}
     own0 = 0.0
     with log_path.open("w") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "inspectd", "run", "-c", str(config)],
@@ -372,12 +410,15 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
             while time.time() < t_ready + plan.duration_s and proc.poll() is None:
                 rss.append((time.time(), tree_rss_kib(proc.pid)))
                 if not cpu0 and time.time() >= t_ready + plan.warmup_s:
-                    t_cpu0, cpu0, own0 = time.time(), cpu_seconds(tree_pids(proc.pid)), \
-                        time.process_time()
+                    pids = tree_pids(proc.pid)
+                    t_cpu0, cpu0, own0 = time.time(), cpu_seconds(pids), time.process_time()
+                    sw0 = context_switches(pids)
                 time.sleep(RSS_EVERY_S)
             t_stop = time.time()
-            cores = role_cpu(cpu0, cpu_seconds(tree_pids(proc.pid)), log_path,
+            pids = tree_pids(proc.pid)
+            cores = role_cpu(cpu0, cpu_seconds(pids), log_path,
                              (own0, time.process_time()), t_stop - t_cpu0)
+            switches = role_switches(sw0, context_switches(pids), log_path, t_stop - t_cpu0)
             if proc.poll() is not None:
                 raise RuntimeError(f"inspectd run exited with {proc.returncode}; see {log_path}")
         finally:
@@ -394,7 +435,7 @@ def run_daemon(plan: Plan, name: str, video: Path, fps: float) -> dict[str, Any]
             plc.stop()
             shutil.rmtree(run_dir, ignore_errors=True)
     return {**analyse(name, fps, line, plc, rss, t_ready, t_stop, code, log_path, plan),
-            "cores_used": cores}
+            "cores_used": cores, "switches_per_s": switches}
 
 
 def audit_rows(line: Path) -> list[dict[str, Any]]:

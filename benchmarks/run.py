@@ -558,10 +558,16 @@ def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
             model_ms = r.get("bare_cpu_ms_per_image")
             mult = r["captured_fps"] / baseline(r, base)
             bound = 1 / (1 + mult * per_frame / model_ms) if per_frame and model_ms else None
+            # The bare model's cores: what the worker's threads get when nothing else runs.
+            bare_cores = baseline(r, base) * model_ms / 1000 if model_ms else None
+            sw = r.get("switches_per_s") or {}
+            wakeups = sum(v["wakeups"] for k, v in sw.items() if k != "worker") if sw else None
+            preempted = sw.get("worker", {}).get("preempted")
             cpu_rows.append([LOAD_NAMES.get(name, name), *(num(cores.get(k), ".2f") for k in (
                 "worker", "acquire", "sink", "supervisor", "benchmark (PLC server)")),
-                num(sum(cores.values()), ".2f"), num(per_frame, ".1f"), num(model_ms, ".0f"),
-                f"{mult:.1f}", num(bound, ".2f")])
+                num(sum(cores.values()), ".2f"), num(bare_cores, ".2f"), num(per_frame, ".1f"),
+                num(model_ms, ".0f"), f"{mult:.1f}", num(bound, ".2f"),
+                num(wakeups, ",.0f"), num(preempted, ",.0f")])
         first, last = r["rss_mib_first_third"], r["rss_mib_last_third"]
         audit_rows.append([
             LOAD_NAMES.get(name, name), f"1..{r['parts_max']:,}",
@@ -613,7 +619,8 @@ def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
         "time, median (min–max) over 5 s bins; judged / bare uses the window's mean. Target: "
         f"≥ {DAEMON_RATIO_TARGET} × bare at saturation. TIMEOUT causes: overload = shed by "
         "acquisition (no worker room), queued = deadline passed in the worker's queue, "
-        "hopeless = shed unscored by the worker (its batch would end past the deadline), scored "
+        "hopeless = shed unscored, by acquisition or a worker, as it could not be judged "
+        "by its deadline even if sent on at once, scored "
         "late = scored but finished after the deadline, no verdict = the sink's deadline "
         "expired first, shutdown = still pending at the stop.",
         "",
@@ -635,11 +642,16 @@ def daemon_md(res: dict[str, Any], notes: list[str]) -> str:
         "frame spent outside the worker. Every frame offered costs that, judged or shed, so "
         "with frames captured at k × the bare rate the line can judge at most about "
         "1 / (1 + k × that ÷ the bare model's CPU ms per image) of the bare rate (bound; "
-        "the model's CPU ms per image measured in the bare run after the load).",
+        "the model's CPU ms per image measured in the bare run after the load). Bare model "
+        "cores = its images/s × CPU ms per image: what the worker's threads get alone. "
+        "Wake-ups = voluntary context switches per second of every thread of the roles other "
+        "than the worker (each message wakes a ZeroMQ I/O thread and an application thread "
+        "on each side); worker preempted = its threads' involuntary switches per second.",
         "",
         table(["load", "worker", "acquire", "sink", "supervisor", "PLC server (benchmark)",
-               "all", "CPU ms per captured frame outside the worker",
-               "bare model CPU ms per image", "k", "bound"], cpu_rows),
+               "all", "bare model cores", "CPU ms per captured frame outside the worker",
+               "bare model CPU ms per image", "k", "bound", "wake-ups/s (other roles)",
+               "worker preempted/s"], cpu_rows),
         "",
         "Every frame audited once: part ids (the camera numbers frames 1, 2, 3 …) over all "
         "audit rows after a SIGTERM stop. RSS = VmRSS summed over the supervisor and all its "
