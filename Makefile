@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := outputs/demo
 
-.PHONY: venv debs demo test lint bench clean
+.PHONY: venv debs demo test lint bench peer-venv clean
 
 # Debian packages: the Aravis fake GigE Vision camera and typelib (a real test peer), the
 # headers PyGObject builds against, and PostgreSQL and Mosquitto servers the tests start
@@ -42,6 +42,16 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py --out BENCHMARKS.md
+
+# The peer library for benchmarks/peer.py, never a dependency of inspectd: a copy of the
+# project's venv (torch and all, from this machine's disk) with anomalib added.
+PEER := .venv-peer
+$(PEER)/.installed: $(STAMP)
+	rm -rf $(PEER) && cp -a $(VENV) $(PEER)
+	$(PEER)/bin/python -m pip install -q anomalib==2.7.0
+	touch $@
+
+peer-venv: $(PEER)/.installed
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -292,16 +292,17 @@ def section(res: dict[str, Any]) -> str:
     ])
 
 
-def update(path: Path, text: str) -> None:
+def update(path: Path, text: str, heading: str = HEADING) -> None:
+    """Replace the section under `heading` in the Markdown file `path` with `text`."""
     old = path.read_text() if path.exists() else ""
     text = text.rstrip("\n") + "\n\n"
-    start = old.find(HEADING)
+    start = old.find(heading)
     if start < 0:  # a new section goes before the reproduction notes, else at the end
         at = old.find("\n## How to reproduce")
         path.write_text(old.rstrip("\n") + "\n\n" + text if at < 0
                         else old[:at + 1] + text + old[at:])
         return
-    end = old.find("\n## ", start + len(HEADING))
+    end = old.find("\n## ", start + len(heading))
     path.write_text(old[:start] + text + ("" if end < 0 else old[end + 1:]))
 
 
