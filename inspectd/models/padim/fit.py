@@ -109,7 +109,7 @@ def _per_core(work: Callable[[slice], None], n: int) -> None:
     """`work` over shares of range(n), each single-threaded, as many at once as torch has
     threads. torch.linalg.inv hands each small (k×k) matrix of a batch to a multi-threaded
     LAPACK call: thousands of tiny parallel regions whose threads mostly wait for each other
-    (covariances and inverses of 4096 matrices of 100×100: 1.0 s per fit that way, 0.5 s
+    (covariances and inverses of 4096 matrices of 100×100: 1.5 s per fit that way, 0.7 s
     this way on an Intel Xeon with AMX, 2 cores; the same bits)."""
     threads = torch.get_num_threads()
     step = -(-n // (4 * threads))
