@@ -96,7 +96,6 @@ class Prediction:
         return {k: str(v) for k, v in paths.items()}
 
 
-
 def blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur of maps [B, H, W]: torchvision's `gaussian_blur` (kernel 2⌊4σ + ½⌋ + 1,
     reflected border). On the CPU through OpenCV, whose separable, vectorised filter is ~20×

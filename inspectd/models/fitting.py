@@ -214,12 +214,11 @@ def _fit(train: list[ImageInput], s: ModelSettings, ng: list[ImageInput], progre
     det = _detector(s, layers, weights, train if features else fit_items,
                     cached=crossfit or bool(features))
     geometry, spec = det.geometry, backbone_spec(s.backbone.name)
-    items: Sequence[Any] = fit_items
     if features:
         det.cache.update(features)
-        items = range(len(train)) if crossfit else [int(i) for i in fit_idx]
-    elif crossfit:
-        items = range(len(fit_items))
+    # Cached: indices into the detector's items (crossfit: every image; else the fit split).
+    items: Sequence[Any] = (range(len(fit_items)) if crossfit
+                            else [int(i) for i in fit_idx] if features else fit_items)
     det.model = fitter(s.kind)(det, items, layers, s, progress)
     fit_seconds = time.perf_counter() - t_start
     if crossfit:

@@ -17,7 +17,7 @@ from inspectd.models.patchcore.knn import NearestNeighbourIndex
 
 def embed_patches(
     feats: dict[str, torch.Tensor], layers: Sequence[str], neighbourhood: int, target_dim: int,
-    border: str = "zeros",
+    border: str,
 ) -> torch.Tensor:
     """Locally aware patch features [B, D, h, w] at the finest layer's resolution.
 
