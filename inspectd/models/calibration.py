@@ -2,7 +2,7 @@
 bf16 check. The thresholds travel inside the artifact, never in a config file.
 
 The OK set is split: most images build the model, the held-out rest sets the thresholds
-(a quantile of their scores with a margin, or F1-optimal when NG images are given).
+(a bound on their scores with a margin, or F1-optimal when NG images are given).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from scipy.special import stdtrit
 
 from inspectd.core.errors import DataError
 from inspectd.models.detector import Detector, ImageInput, load_images
@@ -45,6 +46,30 @@ def calibrate(
                       f"{len(ok_scores)} held-out OK scores")
 
 
+def ok_bound(scores: np.ndarray, q: float, rule: str) -> float:
+    """The score that a new OK image stays below with probability `q`, from `scores` of OK
+    images the model did not fit on.
+
+    quantile: their empirical q-quantile. Distribution-free, but it cannot look past the
+    largest of n scores: at n = 6 a new OK image exceeds it about once in 7 (1 / (n + 1)),
+    whatever q says. lognormal: the larger of that and the one-sided prediction bound of a
+    log-normal fit, exp(m + t(n − 1, q) · s · √(1 + 1/n)) with m and s the log scores' mean
+    and standard deviation: a new OK image of the same log-normal population exceeds it
+    with probability exactly 1 − q at any n ≥ 2 (Student's t and √(1 + 1/n) pay for
+    estimating m and s from n scores). The empirical quantile takes over where there are
+    enough scores to see a tail heavier than log-normal. Image scores are distances, so
+    positive; where one is not, the bound is taken on the raw scores (normal)."""
+    scores = np.asarray(scores, np.float64)
+    empirical = float(np.quantile(scores, q))
+    n = len(scores)
+    if rule == "quantile" or n < 2 or q >= 1.0:
+        return empirical
+    positive = bool((scores > 0).all())
+    x = np.log(scores) if positive else scores
+    bound = x.mean() + stdtrit(n - 1, q) * x.std(ddof=1) * np.sqrt(1 + 1 / n)
+    return max(empirical, float(np.exp(bound) if positive else bound))
+
+
 def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
                ng: Sequence[ImageInput], s: ModelSettings,
                bf16_items: Sequence[ImageInput], what: str,
@@ -54,9 +79,10 @@ def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
     scores on the OK scores' scale); pixel threshold from those images' map pixels; and
     whether bf16 keeps the scores of `bf16_items` within calibration.bf16_tolerance."""
     cal = s.calibration
-    q = float(np.quantile(ok_scores, cal.quantile))
-    det.threshold = q * (1.0 + cal.margin)
-    method = f"quantile {cal.quantile} of {what} × (1 + {cal.margin})"
+    det.threshold = ok_bound(ok_scores, cal.quantile, cal.rule) * (1.0 + cal.margin)
+    bound = ("the larger of the quantile and a log-normal prediction bound"
+             if cal.rule == "lognormal" else "quantile")
+    method = f"{bound} at {cal.quantile} of {what} × (1 + {cal.margin})"
     if len(ng) and ng_scores is None:
         ng_scores, _, _ = det.score_images(load_images(ng))
     if ng_scores is not None:
@@ -72,7 +98,7 @@ def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
     det.pixel_threshold = float(np.quantile(ok_pixels, cal.pixel_quantile)) * (1.0 + cal.margin)
     return {
         "threshold": {"image": det.threshold, "pixel": det.pixel_threshold, "method": method,
-                      "quantile": cal.quantile, "margin": cal.margin,
+                      "rule": cal.rule, "quantile": cal.quantile, "margin": cal.margin,
                       "pixel_quantile": cal.pixel_quantile},
         "calibration": {
             "heldout_ok_scores": [float(v) for v in ok_scores],

@@ -58,8 +58,14 @@ class CalibrationSettings(Section):
         300, ge=2, description="auto mode: cross-fit up to this many OK images")
     holdout: float = Field(0.1, gt=0.0, lt=0.5, description="OK images held out to calibrate")
     min_holdout: int = Field(3, ge=1, description="at least this many held-out OK images")
-    quantile: float = Field(0.99, gt=0.0, le=1.0, description="held-out OK score quantile")
-    margin: float = Field(0.05, ge=0.0, description="threshold = quantile × (1 + margin)")
+    quantile: float = Field(
+        0.99, gt=0.0, le=1.0, description="share of new OK images the image threshold passes")
+    rule: Literal["lognormal", "quantile"] = Field(
+        "lognormal", description="image threshold before the margin — lognormal: the larger of "
+        "the OK scores' empirical quantile and a log-normal prediction bound (sound at a few "
+        "held-out images, where the empirical quantile is only their largest score); "
+        "quantile: the empirical quantile alone")
+    margin: float = Field(0.05, ge=0.0, description="threshold = rule's bound × (1 + margin)")
     pixel_quantile: float = Field(0.999, gt=0.0, le=1.0, description="OK pixel quantile")
     bf16_tolerance: float = Field(
         0.02, gt=0.0, description="max |score_bf16 − score_fp32| / threshold to allow bf16"
