@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import structlog
-from scipy.special import stdtrit
+from scipy.special import ndtri, stdtrit
 
 from inspectd.core.errors import DataError
 from inspectd.models.detector import Detector, ImageInput, load_images
@@ -47,18 +47,22 @@ def calibrate(
 
 
 def ok_bound(scores: np.ndarray, q: float, rule: str) -> float:
-    """The score that a new OK image stays below with probability `q`, from `scores` of OK
+    """The score below which a new OK image falls with probability `q`, from `scores` of OK
     images the model did not fit on.
 
     quantile: their empirical q-quantile. Distribution-free, but it cannot look past the
-    largest of n scores: at n = 6 a new OK image exceeds it about once in 7 (1 / (n + 1)),
-    whatever q says. lognormal: the larger of that and the one-sided prediction bound of a
-    log-normal fit, exp(m + t(n − 1, q) · s · √(1 + 1/n)) with m and s the log scores' mean
-    and standard deviation: a new OK image of the same log-normal population exceeds it
-    with probability exactly 1 − q at any n ≥ 2 (Student's t and √(1 + 1/n) pay for
-    estimating m and s from n scores). The empirical quantile takes over where there are
-    enough scores to see a tail heavier than log-normal. Image scores are distances, so
-    positive; where one is not, the bound is taken on the raw scores (normal)."""
+    largest of n scores, which a new OK image exceeds about once in n + 1 (once in 7 at
+    n = 6), whatever q says. The other rules take the larger of that and a log-normal fit's
+    q-quantile, exp(m + k · s · √(1 + 1/n)), m and s the log scores' mean and standard
+    deviation, √(1 + 1/n) for the uncertainty of m:
+    lognormal: k = the normal q-quantile — an estimate of the quantile from all n scores, not
+    only the largest; at few scores it still sits a little low (s is uncertain too).
+    prediction: k = Student's t q-quantile at n − 1 degrees of freedom — the prediction
+    bound, exceeded by a new OK image of that population with probability exactly 1 − q at
+    any n ≥ 2, at the price of a high threshold (more escapes) at 3–5 scores.
+    The empirical quantile takes over where there are enough scores to show a tail heavier
+    than log-normal. Image scores are distances, so positive; where one is not, the fit is
+    normal on the raw scores."""
     scores = np.asarray(scores, np.float64)
     empirical = float(np.quantile(scores, q))
     n = len(scores)
@@ -66,8 +70,9 @@ def ok_bound(scores: np.ndarray, q: float, rule: str) -> float:
         return empirical
     positive = bool((scores > 0).all())
     x = np.log(scores) if positive else scores
-    bound = x.mean() + stdtrit(n - 1, q) * x.std(ddof=1) * np.sqrt(1 + 1 / n)
-    return max(empirical, float(np.exp(bound) if positive else bound))
+    k = stdtrit(n - 1, q) if rule == "prediction" else ndtri(q)
+    fitted = x.mean() + k * x.std(ddof=1) * np.sqrt(1 + 1 / n)
+    return max(empirical, float(np.exp(fitted) if positive else fitted))
 
 
 def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
@@ -80,8 +85,9 @@ def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
     whether bf16 keeps the scores of `bf16_items` within calibration.bf16_tolerance."""
     cal = s.calibration
     det.threshold = ok_bound(ok_scores, cal.quantile, cal.rule) * (1.0 + cal.margin)
-    bound = ("the larger of the quantile and a log-normal prediction bound"
-             if cal.rule == "lognormal" else "quantile")
+    bound = {"lognormal": "the larger of the quantile and a log-normal fit's quantile",
+             "prediction": "the larger of the quantile and a log-normal prediction bound",
+             "quantile": "quantile"}[cal.rule]
     method = f"{bound} at {cal.quantile} of {what} × (1 + {cal.margin})"
     if len(ng) and ng_scores is None:
         ng_scores, _, _ = det.score_images(load_images(ng))

@@ -60,11 +60,12 @@ class CalibrationSettings(Section):
     min_holdout: int = Field(3, ge=1, description="at least this many held-out OK images")
     quantile: float = Field(
         0.99, gt=0.0, le=1.0, description="share of new OK images the image threshold passes")
-    rule: Literal["lognormal", "quantile"] = Field(
+    rule: Literal["lognormal", "prediction", "quantile"] = Field(
         "lognormal", description="image threshold before the margin — lognormal: the larger of "
-        "the OK scores' empirical quantile and a log-normal prediction bound (sound at a few "
-        "held-out images, where the empirical quantile is only their largest score); "
-        "quantile: the empirical quantile alone")
+        "the OK scores' empirical quantile and a log-normal fit's quantile (from all the "
+        "scores, where the empirical quantile of a few is only their largest); prediction: "
+        "the same with a log-normal prediction bound (exact false-reject rate at any count, "
+        "a high threshold at 3–5 scores); quantile: the empirical quantile alone")
     margin: float = Field(0.05, ge=0.0, description="threshold = rule's bound × (1 + margin)")
     pixel_quantile: float = Field(0.999, gt=0.0, le=1.0, description="OK pixel quantile")
     bf16_tolerance: float = Field(
