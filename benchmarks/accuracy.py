@@ -171,7 +171,7 @@ SETS = {"synthetic": synthetic_set, "elpv": elpv_set, "textures": textures_set}
 # ------------------------------------------------------------------------------- measuring
 
 def fit_eval(root: Path, category: str, settings: Any) -> dict[str, Any]:
-    from inspectd.models.calibration import ok_bound
+    from inspectd.models.calibration import image_threshold
     from inspectd.models.evaluate import evaluate
     from inspectd.models.fitting import fit
 
@@ -186,11 +186,10 @@ def fit_eval(root: Path, category: str, settings: Any) -> dict[str, Any]:
                ok_scores=det.manifest["calibration"]["heldout_ok_scores"])
     if det.manifest["training"]["calibration"] == "holdout" and "auto" not in det.manifest:
         # The same fit's rates under the other threshold rules, from the same held-out scores.
-        cal = settings.calibration
         out["rules"] = {}
         for rule in OTHER_RULES:
-            det.threshold = ok_bound(np.array(out["ok_scores"]), cal.quantile,
-                                     rule) * (1 + cal.margin)
+            det.threshold = image_threshold(np.array(out["ok_scores"]), settings.calibration,
+                                            rule)
             q = evaluate(det, root, category)
             out["rules"][rule] = {k: q[k] for k in ("false_reject_rate", "escape_rate")}
     if "auto" in det.manifest:
@@ -337,7 +336,7 @@ def small_counts(flat: list[dict[str, Any]], ns: tuple[int, ...] = (6, 10, 20),
                  draws: int = 2000) -> list[list[Any]]:
     """Per n: the mean (worst) rate at which new OK images exceed a threshold set on n OK
     scores, per rule, each cross-fitted run's out-of-fold scores standing for the population."""
-    from inspectd.models.calibration import ok_bound
+    from inspectd.models.calibration import image_threshold
     from inspectd.models.settings import CalibrationSettings
 
     cal = CalibrationSettings()
@@ -352,7 +351,7 @@ def small_counts(flat: list[dict[str, Any]], ns: tuple[int, ...] = (6, 10, 20),
                 idx = rng.permutation(len(pool))
                 ok, new = pool[idx[:n]], pool[idx[n:]]
                 for rule in rates:
-                    t = ok_bound(ok, cal.quantile, rule) * (1 + cal.margin)
+                    t = image_threshold(ok, cal, rule)
                     per[rule].append(float((new >= t).mean()))
             for rule in rates:
                 rates[rule].append(float(np.mean(per[rule])))

@@ -2,7 +2,8 @@
 bf16 check. The thresholds travel inside the artifact, never in a config file.
 
 The OK set is split: most images build the model, the held-out rest sets the thresholds
-(a bound on their scores with a margin, or F1-optimal when NG images are given).
+(an estimate of their upper quantile with a margin, or F1-optimal when NG images are
+given).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from inspectd.core.errors import DataError
 from inspectd.models.detector import Detector, ImageInput, load_images
 from inspectd.models.features import Runtime
 from inspectd.models.metrics import f1_max
-from inspectd.models.settings import ModelSettings
+from inspectd.models.settings import CalibrationSettings, ModelSettings
 
 log = structlog.get_logger("inspectd.fit")
 
@@ -75,6 +76,13 @@ def ok_bound(scores: np.ndarray, q: float, rule: str) -> float:
     return max(empirical, float(np.exp(fitted) if positive else fitted))
 
 
+def image_threshold(ok_scores: np.ndarray, cal: CalibrationSettings,
+                    rule: str | None = None) -> float:
+    """The image threshold from OK scores: `rule`'s (by default cal.rule) estimate of their
+    cal.quantile, × (1 + cal.margin)."""
+    return ok_bound(ok_scores, cal.quantile, rule or cal.rule) * (1.0 + cal.margin)
+
+
 def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
                ng: Sequence[ImageInput], s: ModelSettings,
                bf16_items: Sequence[ImageInput], what: str,
@@ -84,7 +92,7 @@ def thresholds(det: Detector, ok_scores: np.ndarray, ok_pixels: np.ndarray,
     scores on the OK scores' scale); pixel threshold from those images' map pixels; and
     whether bf16 keeps the scores of `bf16_items` within calibration.bf16_tolerance."""
     cal = s.calibration
-    det.threshold = ok_bound(ok_scores, cal.quantile, cal.rule) * (1.0 + cal.margin)
+    det.threshold = image_threshold(ok_scores, cal)
     bound = {"lognormal": "the larger of the quantile and a log-normal fit's quantile",
              "prediction": "the larger of the quantile and a log-normal prediction bound",
              "quantile": "quantile"}[cal.rule]
